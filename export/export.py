@@ -1,0 +1,423 @@
+"""Export the crisis classifier to verified ONNX files inside a Triton model repository.
+
+Examples:
+  # the paper's research checkpoints, one per task (encoders come from the checkpoints)
+  python export/export.py --checkpoint task1=ckpt/task1/best.pt \\
+      --checkpoint task2=ckpt/task2/best.pt \\
+      --checkpoint task3=ckpt/task3/best.pt --out model_repository
+  # offline demo / tests: random weights of the real ViT-B/32 architecture (or --size tiny)
+  python export/export.py --random-weights --size tiny --out /tmp/repo
+  # pretrained CLIP from a local folder + head weights per task
+  python export/export.py --encoders hf:/models/clip-vit-base-patch32 \\
+      --head-weights task1=head_task1.pt --out model_repository
+
+Exit status: 0 when every verification passed, 1 when one failed, 2 for bad arguments or inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python export/export.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.spec import ALL_TASKS, DEFAULT_TASKS, HEAD_VARIANTS, build_specs  # noqa: E402
+from export.triton_config import BACKENDS, Deployment  # noqa: E402
+
+RANDOM_BANNER = (
+    "!" * 78 + "\n"
+    "!! RANDOM WEIGHTS: this export is for tests and demos. Its predictions are MEANINGLESS.\n"
+    + "!"
+    * 78
+)
+
+
+class UsageError(Exception):
+    pass
+
+
+def _task_paths(values: Sequence[str], option: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for value in values:
+        task, sep, path = value.partition("=")
+        if not sep or task not in ALL_TASKS or not path:
+            raise UsageError(
+                f"{option} {value!r}: expected TASK=PATH, TASK one of {list(ALL_TASKS)}"
+            )
+        if task in out:
+            raise UsageError(f"{option}: task {task} given twice")
+        out[task] = Path(path)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="export.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="model repository to write, e.g. --out model_repository",
+    )
+    src = p.add_argument_group("weights")
+    src.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="research checkpoint (best.pt) of one task; repeatable. The encoders then "
+        "come from the checkpoints. e.g. --checkpoint task1=runs/t1/best.pt",
+    )
+    src.add_argument(
+        "--head-weights",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="head-only state_dict of one task (research key names without the "
+        "encoders), for pretrained --encoders; repeatable",
+    )
+    src.add_argument(
+        "--encoders",
+        default="hf:openai/clip-vit-base-patch32",
+        help="hf:HUB_NAME | hf:LOCAL_FOLDER | openclip:MODEL:TAG_OR_FILE "
+        "(default: %(default)s). With --checkpoint only the architecture is used.",
+    )
+    src.add_argument(
+        "--head",
+        choices=HEAD_VARIANTS,
+        default=None,
+        help="head variant (default: what the checkpoint holds, else guided_ca_diff)",
+    )
+    src.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random encoders and heads (tests, offline demos): predictions are "
+        "meaningless and the output says so",
+    )
+    src.add_argument(
+        "--size",
+        choices=("base", "tiny"),
+        default=None,
+        help="with --random-weights: base = real ViT-B/32 dims (default), tiny = a "
+        "small config of the same architecture",
+    )
+    src.add_argument(
+        "--tasks",
+        default=None,
+        help=f"comma list of tasks to serve with --random-weights "
+        f"(default {','.join(DEFAULT_TASKS)}; also task2_full)",
+    )
+    src.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--fp16",
+        action="store_true",
+        help="export FP16 graphs (FP32 inputs/outputs), verified with the FP16 "
+        "tolerance and top-1 agreement",
+    )
+    out.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="python",
+        help="repository flavour: python (ONNX Runtime inside the python backend; the "
+        "embedded server), onnxruntime (stock Triton container), tensorrt "
+        "(engines built on a GPU). Default: %(default)s",
+    )
+    out.add_argument("--max-batch-size", type=int, default=32, help="default: %(default)s")
+    out.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=2000,
+        help="dynamic batching queue delay in microseconds (default %(default)s)",
+    )
+    out.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="instances per encoder/head model (default %(default)s)",
+    )
+    out.add_argument("--preprocess-instances", type=int, default=2, help="default: %(default)s")
+    out.add_argument(
+        "--configs-only",
+        action="store_true",
+        help="write configs and python models only (no weights, no ONNX)",
+    )
+    return p
+
+
+def _load_models(args: argparse.Namespace):
+    """-> (encoders, heads: dict task -> module, provenance dict)."""
+    from export.checkpoint import (
+        CheckpointError,
+        format_problems,
+        load_head,
+        read_checkpoint,
+        read_state_dict,
+    )
+    from export.encoders import (
+        EncoderLoadError,
+        hf_encoders,
+        hf_encoders_from_states,
+        openclip_encoders,
+        parse_encoders,
+    )
+    from export.head import random_head
+
+    checkpoints = _task_paths(args.checkpoint, "--checkpoint")
+    head_files = _task_paths(args.head_weights, "--head-weights")
+    if args.random_weights and (checkpoints or head_files):
+        raise UsageError("--random-weights cannot be combined with --checkpoint/--head-weights")
+    if args.size and not args.random_weights:
+        raise UsageError("--size is only for --random-weights (a checkpoint fixes the size)")
+    if checkpoints and head_files:
+        raise UsageError("use either --checkpoint or --head-weights")
+    try:
+        family, ref, tag = parse_encoders(args.encoders)
+        if args.random_weights:
+            tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
+            bad = [t for t in tasks if t not in ALL_TASKS]
+            if bad:
+                raise UsageError(f"--tasks: unknown {bad}; known: {list(ALL_TASKS)}")
+            if family == "openclip":
+                enc = openclip_encoders(ref, tag, random_weights=True)
+            else:
+                enc = hf_encoders(ref, True, args.size, seed=args.seed)
+            variant = args.head or "guided_ca_diff"
+            heads = {
+                t: random_head(
+                    enc.config.image_dim, enc.config.text_dim, t, variant, seed=args.seed + 1 + i
+                )
+                for i, t in enumerate(tasks)
+            }
+            return enc, heads, {t: f"random ({variant})" for t in tasks}
+        if checkpoints:
+            if family != "hf":
+                raise UsageError("research checkpoints hold Hugging Face CLIP towers: use hf:...")
+            cks = {t: read_checkpoint(p, t) for t, p in checkpoints.items()}
+            first = next(iter(cks.values()))
+            _check_same_encoders(cks)
+            enc, problems = hf_encoders_from_states(
+                ref, first.image_state, first.text_state, str(first.path)
+            )
+            if problems:
+                raise CheckpointError(format_problems(str(first.path), problems))
+            heads = {
+                t: load_head(
+                    c.head_state,
+                    t,
+                    enc.config.image_dim,
+                    enc.config.text_dim,
+                    args.head or c.variant,
+                    str(c.path),
+                )
+                for t, c in cks.items()
+            }
+            return enc, heads, {t: f"{c.path} ({args.head or c.variant})" for t, c in cks.items()}
+        if not head_files:
+            raise UsageError(
+                "no weights: give --checkpoint TASK=PATH, --head-weights TASK=PATH "
+                "or --random-weights"
+            )
+        if family == "openclip":
+            enc = openclip_encoders(ref, tag, random_weights=False)
+        else:
+            enc = hf_encoders(ref, False, None)
+        heads = {}
+        for t, path in head_files.items():
+            state = read_state_dict(path)
+            variant = args.head or (
+                "guided_ca_diff"
+                if any(k.startswith("multihead_diffattn.") for k in state)
+                else "guided_ca"
+            )
+            heads[t] = load_head(
+                state, t, enc.config.image_dim, enc.config.text_dim, variant, str(path)
+            )
+        return enc, heads, {t: str(p) for t, p in head_files.items()}
+    except (CheckpointError, EncoderLoadError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_same_encoders(cks: dict) -> None:
+    """One encoder pass feeds every task: the checkpoints' frozen encoders must be identical."""
+    import torch
+
+    from export.checkpoint import CheckpointError
+
+    tasks = list(cks)
+    ref = cks[tasks[0]]
+    for t in tasks[1:]:
+        other = cks[t]
+        for kind in ("image_state", "text_state"):
+            a, b = getattr(ref, kind), getattr(other, kind)
+            differ = sorted(
+                k
+                for k in set(a) | set(b)
+                if k not in a
+                or k not in b
+                or a[k].shape != b[k].shape
+                or not torch.equal(a[k], b[k])
+            )
+            if differ:
+                raise CheckpointError(
+                    f"the encoders in {other.path} ({t}) differ from those in {ref.path} "
+                    f"({tasks[0]}) at {len(differ)} tensor(s), e.g. {differ[:5]}; one shared "
+                    f"encoder pass needs identical frozen encoders"
+                )
+
+
+def _end_to_end_check(repo: Path, specs, enc, head, preprocess_spec, model_files) -> dict:
+    """One synthetic post through preprocess -> ONNX chain vs the same through PyTorch."""
+    import io
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from PIL import Image
+
+    from export.preprocess import Preprocessor
+
+    rng = np.random.default_rng(7)
+    img = Image.fromarray(rng.integers(0, 256, (180, 240, 3), dtype=np.uint8), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    pixels, ids = Preprocessor(preprocess_spec)(
+        [buf.getvalue()], ["RT Flooding downtown #harvey https://t.co/x"], ["a flooded street"]
+    )
+
+    def run(name: str, feed: dict) -> list:
+        sess = ort.InferenceSession(str(model_files[name]), providers=["CPUExecutionProvider"])
+        return sess.run(None, feed)
+
+    (fi,) = run(specs.image_encoder.name, {specs.image_encoder.input_names[0]: pixels})
+    (ft,) = run(specs.text_encoder.name, {specs.text_encoder.input_names[0]: ids})
+    got = run(specs.head.name, dict(zip(specs.head.input_names, (fi, ft))))
+    with torch.no_grad():
+        ref = head(enc.image(torch.from_numpy(pixels)), enc.text(torch.from_numpy(ids)))
+    diffs = {
+        n: float(np.abs(g - r.numpy()).max()) for n, g, r in zip(specs.head.output_names, got, ref)
+    }
+    return {
+        "max_abs_diff": diffs,
+        "top1_same": all(int(g.argmax()) == int(r.argmax()) for g, r in zip(got, ref)),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    dep = Deployment(
+        backend=args.backend,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        compute_instances=args.instances,
+        preprocess_instances=args.preprocess_instances,
+    )
+    from export.repository import model_file, write_repository
+    from export.spec import load_encoder_config
+
+    if args.configs_only:
+        config = load_encoder_config("hf-clip-vit-base-patch32")
+        tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
+        write_repository(args.out, build_specs(config, tasks), dep, config.preprocess_spec())
+        print(f"configs written to {args.out} (no model files: run without --configs-only)")
+        return 0
+    try:
+        enc, heads, provenance = _load_models(args)
+    except UsageError as exc:
+        print(f"export.py: error: {exc}", file=sys.stderr)
+        return 2
+    if enc.random_weights:
+        print(RANDOM_BANNER, file=sys.stderr)
+    import torch
+
+    from export.head import build_multitask_head
+    from export.onnx_export import OPSET, export_graph
+    from export.validate import fixed_inputs, validate_graph
+
+    specs = build_specs(enc.config, tuple(heads))
+    head = build_multitask_head(heads, specs.tasks)
+    preprocess_spec = enc.config.preprocess_spec()
+    write_repository(args.out, specs, dep, preprocess_spec)
+    print(f"encoders: {enc.description}; tasks: {', '.join(specs.tasks)}")
+    modules = {
+        specs.image_encoder.name: enc.image,
+        specs.text_encoder.name: enc.text,
+        specs.head.name: head,
+    }
+    reports, files = [], {}
+    for graph in specs.onnx_graphs:
+        t0 = time.perf_counter()
+        example = tuple(
+            torch.from_numpy(a) for a in fixed_inputs(graph, 2, 0, enc.config.vocab_size).values()
+        )
+        target = model_file(args.out, graph.name, dep).with_suffix(".onnx")
+        export_graph(modules[graph.name], graph, example, target, fp16=args.fp16)
+        files[graph.name] = target
+        report = validate_graph(
+            modules[graph.name], graph, target, fp16=args.fp16, vocab_size=enc.config.vocab_size
+        )
+        size_mb = sum(f.stat().st_size for f in target.parent.glob("model.onnx*")) / 2**20
+        print(f"{graph.name}: exported in {time.perf_counter() - t0:.1f} s, {size_mb:.1f} MiB")
+        print("\n".join(report.lines()))
+        reports.append(report)
+    passed = all(r.passed for r in reports)
+    e2e = _end_to_end_check(args.out, specs, enc, head, preprocess_spec, files) if passed else None
+    if e2e:
+        print(f"end to end (preprocess -> ONNX vs PyTorch): {e2e}")
+    import onnx
+    import onnxruntime
+    import transformers
+
+    summary = {
+        "passed": passed,
+        "random_weights": enc.random_weights,
+        "warning": RANDOM_BANNER.splitlines()[1].strip("! ") if enc.random_weights else None,
+        "encoders": enc.description,
+        "encoder_config": enc.config.name,
+        "heads": provenance,
+        "tasks": list(specs.tasks),
+        "precision": "fp16" if args.fp16 else "fp32",
+        "backend": args.backend,
+        "opset": OPSET,
+        "files": {
+            n: {"path": str(p.relative_to(args.out)), "bytes": p.stat().st_size}
+            for n, p in files.items()
+        },
+        "graphs": [r.to_dict() for r in reports],
+        "end_to_end": e2e,
+        "seconds": round(time.perf_counter() - started, 1),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
+    }
+    (args.out / "export_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.backend == "tensorrt":
+        print("tensorrt flavour: ONNX files written; build the engines on a GPU (see README).")
+    print(
+        f"{'PASSED' if passed else 'FAILED'}: report in {args.out / 'export_report.json'} "
+        f"({summary['seconds']} s)"
+    )
+    if enc.random_weights:
+        print(RANDOM_BANNER, file=sys.stderr)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Writes a Triton model repository: folders, configs, python models, labels, preprocessing files.
+
+Layout (`<model>/config.pbtxt` + `<model>/1/...`):
+  crisis_classifier/       ensemble (1/ is empty)
+  preprocess/1/            model.py, crisis_preprocess.py, preprocess.json, the BPE vocabulary
+  image_encoder/1/         model.onnx (+ model.py in the python flavour; model.plan for tensorrt)
+  text_encoder/1/          same
+  fusion_head/             labels_<task>.txt beside config.pbtxt; 1/ as the encoders
+  requirements.txt         the Python packages the python models import
+  labels.json              every served task's labels, in class-index order
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from export import preprocess as preprocess_module
+from export.preprocess import DEFAULT_ASSETS, PreprocessSpec
+from export.spec import LABELS, ModelSpecs, label_file
+from export.triton_config import FLAVOURS, Deployment, all_configs, to_pbtxt
+
+TEMPLATES = Path(__file__).resolve().parent / "triton_models"
+PREPROCESS_MODULE = "crisis_preprocess.py"
+VERSION = "1"
+# Packages the python-backend models import (a stock Triton container has numpy already).
+REQUIREMENTS = {
+    "preprocess": ["numpy", "pillow>=10", "tokenizers>=0.20"],
+    "python": ["onnxruntime>=1.18"],
+}
+
+
+def model_dir(repo: Path, name: str) -> Path:
+    return repo / name / VERSION
+
+
+def write_configs(repo: Path, specs: ModelSpecs, dep: Deployment) -> list[Path]:
+    written = []
+    for name, config in all_configs(specs, dep).items():
+        path = repo / name / "config.pbtxt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_pbtxt(config))
+        written.append(path)
+    return written
+
+
+def write_repository(
+    repo: Path, specs: ModelSpecs, dep: Deployment, preprocess_spec: PreprocessSpec
+) -> None:
+    """Everything but the model files (model.onnx / model.plan); the exporter writes those."""
+    repo.mkdir(parents=True, exist_ok=True)
+    write_configs(repo, specs, dep)
+    # Ensemble: an empty version folder (kept in git by .gitkeep).
+    ens = model_dir(repo, specs.ensemble.name)
+    ens.mkdir(parents=True, exist_ok=True)
+    (ens / ".gitkeep").touch()
+    # Preprocessing: the very module the in-process paths use, its parameters, its vocabulary.
+    pre = model_dir(repo, specs.preprocess.name)
+    pre.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(TEMPLATES / "preprocess_model.py", pre / "model.py")
+    shutil.copyfile(preprocess_module.__file__, pre / PREPROCESS_MODULE)
+    (pre / "preprocess.json").write_text(preprocess_spec.to_json())
+    shutil.copyfile(DEFAULT_ASSETS / preprocess_spec.vocab_file, pre / preprocess_spec.vocab_file)
+    # Compute models.
+    for graph in specs.onnx_graphs:
+        version = model_dir(repo, graph.name)
+        version.mkdir(parents=True, exist_ok=True)
+        if dep.backend == "python":
+            shutil.copyfile(TEMPLATES / "onnx_model.py", version / "model.py")
+        else:
+            (version / "model.py").unlink(missing_ok=True)
+    for task in specs.tasks:
+        (repo / specs.head.name / label_file(task)).write_text("\n".join(LABELS[task]) + "\n")
+    labels = {task: list(LABELS[task]) for task in specs.tasks}
+    (repo / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    reqs = REQUIREMENTS["preprocess"] + REQUIREMENTS.get(dep.backend, [])
+    (repo / "requirements.txt").write_text("\n".join(reqs) + "\n")
+
+
+def model_file(repo: Path, graph_name: str, dep: Deployment) -> Path:
+    return model_dir(repo, graph_name) / FLAVOURS[dep.backend]["model_file"]

@@ -1,0 +1,1 @@
+"""Python-backend model files copied into the Triton model repository by export/repository.py."""
