@@ -1,12 +1,13 @@
 """The fused head of the paper (guided cross attention + differential attention), in PyTorch.
 
-Math and parameter names follow ../shared/reference-model.md and the research checkpoints, with the
-deployed contract of one-sample semantics: the research code's batch self-attention SA(X) =
-softmax(X X^T) X mixes the samples of a batch; for one sample it is the identity, so a served
-request gets the same answer whatever shares its batch. The differential attention runs on a sequence of ONE
-token, where both softmax maps are exactly 1: its output is out_proj(RMSNorm((1 - lambda) v) * (1 -
-lambda_init)). q_proj and k_proj cannot change the output; they stay as parameters so research
-checkpoints load strictly, and are left out of the computation (and of the ONNX graph).
+Math and parameter names follow ../shared/reference-model.md and the research checkpoints, with
+the deployed contract of one-sample semantics: the research code's batch self-attention
+SA(X) = softmax(X X^T) X mixes the samples of a batch; for one sample it is the identity, so a
+served request gets the same answer whatever shares its batch. The differential attention runs on
+a sequence of ONE token, where both softmax maps are exactly 1: its output is
+out_proj(RMSNorm((1 - lambda) v) * (1 - lambda_init)). q_proj and k_proj cannot change the
+output; they stay as parameters so research checkpoints load strictly, and are left out of the
+computation (and of the ONNX graph).
 """
 
 from __future__ import annotations
