@@ -19,7 +19,13 @@ from pathlib import Path
 from export import preprocess as preprocess_module
 from export.preprocess import DEFAULT_ASSETS, PreprocessSpec
 from export.spec import LABELS, ModelSpecs, label_file
-from export.triton_config import FLAVOURS, Deployment, all_configs, to_pbtxt
+from export.triton_config import (
+    FLAVOURS,
+    Deployment,
+    all_configs,
+    check_ensemble_wiring,
+    to_pbtxt,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 PREPROCESS_MODULE = "crisis_preprocess.py"
@@ -36,8 +42,12 @@ def model_dir(repo: Path, name: str) -> Path:
 
 
 def write_configs(repo: Path, specs: ModelSpecs, dep: Deployment) -> list[Path]:
+    configs = all_configs(specs, dep)
+    problems = check_ensemble_wiring(configs)
+    if problems:
+        raise ValueError("ensemble wiring is broken:\n  " + "\n  ".join(problems))
     written = []
-    for name, config in all_configs(specs, dep).items():
+    for name, config in configs.items():
         path = repo / name / "config.pbtxt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(to_pbtxt(config))

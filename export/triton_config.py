@@ -157,3 +157,56 @@ def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:
 
 def parse_pbtxt(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def check_ensemble_wiring(configs: dict[str, model_config_pb2.ModelConfig]) -> list[str]:
+    """Every problem Triton would refuse (or silently mis-wire) in the ensembles of `configs`:
+    unknown step models or tensors, a step input nobody produces, dtype or dims that differ between
+    producer and consumer, a required model input left unmapped, an unconsumed intermediate tensor,
+    an ensemble output no step produces."""
+    problems: list[str] = []
+    for ens in (c for c in configs.values() if c.platform == "ensemble"):
+        produced = {t.name: (t.data_type, list(t.dims), "ensemble input") for t in ens.input}
+        consumed: set[str] = set()
+        for step in ens.ensemble_scheduling.step:
+            model = configs.get(step.model_name)
+            if model is None:
+                problems.append(f"{ens.name}: step model {step.model_name!r} not in the repository")
+                continue
+            inputs = {t.name: t for t in model.input}
+            outputs = {t.name: t for t in model.output}
+            for key, tensor in step.input_map.items():
+                where = f"{ens.name}: {step.model_name}.{key} <- {tensor}"
+                if key not in inputs:
+                    problems.append(f"{where}: {step.model_name} has no input {key!r}")
+                elif tensor not in produced:
+                    problems.append(f"{where}: nothing earlier produces {tensor!r}")
+                else:
+                    dtype, dims, origin = produced[tensor]
+                    want = inputs[key]
+                    if dtype != want.data_type or dims != list(want.dims):
+                        problems.append(
+                            f"{where}: {origin} gives {model_config_pb2.DataType.Name(dtype)}"
+                            f"{dims}, the input wants "
+                            f"{model_config_pb2.DataType.Name(want.data_type)}{list(want.dims)}"
+                        )
+                consumed.add(tensor)
+            for name, t in inputs.items():
+                if name not in step.input_map and not t.optional:
+                    problems.append(f"{ens.name}: required input {step.model_name}.{name} unmapped")
+            for key, tensor in step.output_map.items():
+                if key not in outputs:
+                    problems.append(f"{ens.name}: {step.model_name} has no output {key!r}")
+                    continue
+                out = outputs[key]
+                produced[tensor] = (out.data_type, list(out.dims), f"{step.model_name}.{key}")
+        ens_outputs = {t.name: t for t in ens.output}
+        for name, t in ens_outputs.items():
+            if name not in produced:
+                problems.append(f"{ens.name}: output {name!r} is produced by no step")
+            elif (produced[name][0], produced[name][1]) != (t.data_type, list(t.dims)):
+                problems.append(f"{ens.name}: output {name!r} dtype/dims differ from its producer")
+        for name, (_, _, origin) in produced.items():
+            if origin != "ensemble input" and name not in consumed and name not in ens_outputs:
+                problems.append(f"{ens.name}: intermediate tensor {name!r} is never consumed")
+    return problems

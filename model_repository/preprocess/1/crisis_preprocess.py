@@ -1,0 +1,286 @@
+"""Preprocessing of one crisis post: text cleaning, CLIP tokenisation, image decoding and resizing.
+
+This module is the single implementation used everywhere: in process (export verification, tests,
+benchmarks) and inside Triton (it is copied verbatim next to the `preprocess` python-backend model).
+It therefore depends on numpy, Pillow and `tokenizers` only: no torch, and nothing else of this
+project. Its parameters are data (`PreprocessSpec`), written as `preprocess.json` beside the model.
+
+Fidelity to the research code (see README, "Preprocessing"):
+- text = tweet_text + caption (no separator), then: leading "RT " removed, everything from the first
+  http(s):// link to the end of its line removed together with the line breaks right after it, every
+  "#" removed. Kept exactly, quirks included (a link eats the rest of its line, caption included).
+- CLIP BPE (the OpenAI vocabulary), <|startoftext|> ... <|endoftext|>, padded/truncated to 77.
+- image: RGB, padded to a black square (image centred), resized to 228x228 with PIL's BILINEAR
+  filter (antialiased when shrinking), centre-cropped to 224x224, scaled to 0..1 and normalised with
+  mean = std = 0.5.
+Deliberate differences from the research code, all for robustness of a server: EXIF orientation
+is applied, only the first frame of an animated image is used, 16-bit images are scaled to 8 bits
+instead of clipped, and decoding is bounded by byte and pixel limits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# The split pattern of CLIP's BPE tokenizer (OpenAI's simple_tokenizer, transformers').
+CLIP_SPLIT_PATTERN = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+
+class PreprocessError(ValueError):
+    """A request's input cannot be preprocessed; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Every preprocessing parameter, declared once; written as preprocess.json beside the model."""
+
+    image_size: int = 224
+    resize_size: int = 228
+    pad_to_square: bool = True
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    context_length: int = 77
+    vocab_file: str = "bpe_simple_vocab_16e6.txt.gz"
+    bos_token: str = "<|startoftext|>"
+    eos_token: str = "<|endoftext|>"
+    # Research-code text cleaning, applied in this order with Python's `re.sub`.
+    clean_patterns: tuple[tuple[str, str], ...] = (
+        (r"^RT[\s]+", ""),
+        (r"https?:\/\/.*[\r\n]*", ""),
+        (r"#", ""),
+    )
+    caption_separator: str = ""
+    apply_exif_orientation: bool = True
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_text_chars: int = 20_000
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> PreprocessSpec:
+        raw = json.loads(text)
+        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {unknown}")
+        for key in ("mean", "std"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        if "clean_patterns" in raw:
+            raw["clean_patterns"] = tuple(tuple(p) for p in raw["clean_patterns"])
+        return cls(**raw)
+
+    @property
+    def crop_offset(self) -> int:
+        return (self.resize_size - self.image_size) // 2
+
+
+DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+# ----------------------------------------------------------------------------------------- text
+
+
+def clean_text(text: str, spec: PreprocessSpec) -> str:
+    """The research code's cleaning, in its order (see the module docstring)."""
+    for pattern, repl in spec.clean_patterns:
+        text = re.sub(pattern, repl, text)
+    return text
+
+
+def compose_text(tweet: str, caption: str | None, spec: PreprocessSpec) -> str:
+    """tweet + caption (the paper's LLaVA image description), truncated to max_text_chars."""
+    text = tweet if not caption else tweet + spec.caption_separator + caption
+    # Very long text is cut before tokenisation (77 tokens never need more than a few hundred).
+    return text[: spec.max_text_chars]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def clip_vocab_and_merges(bpe_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges exactly as OpenAI's simple_tokenizer builds them from the BPE file."""
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab)}, [(a, b) for a, b in merges]
+
+
+@lru_cache(maxsize=4)
+def build_tokenizer(bpe_path: str):  # -> tokenizers.Tokenizer
+    """CLIP BPE with `tokenizers`, built as transformers' CLIPTokenizer builds it (offline)."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab, merges = clip_vocab_and_merges(Path(bpe_path))
+    tok = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+            unk_token="<|endoftext|>",
+        )
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    return tok
+
+
+class TextPreprocessor:
+    """clean + tokenise a batch of texts into [N, context_length] int64 ids."""
+
+    def __init__(self, spec: PreprocessSpec, assets_dir: Path = DEFAULT_ASSETS) -> None:
+        self.spec = spec
+        path = Path(assets_dir) / spec.vocab_file
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP BPE vocabulary not found: {path}")
+        self.tokenizer = build_tokenizer(str(path))
+        self.bos_id = self.tokenizer.token_to_id(spec.bos_token)
+        self.eos_id = self.tokenizer.token_to_id(spec.eos_token)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        length = self.spec.context_length
+        cleaned = [clean_text(t, self.spec) for t in texts]
+        encodings = self.tokenizer.encode_batch(cleaned, add_special_tokens=False)
+        ids = np.full((len(texts), length), self.eos_id, dtype=np.int64)  # pad = <|endoftext|>
+        for row, enc in zip(ids, encodings):
+            body = enc.ids[: length - 2]
+            row[0] = self.bos_id
+            row[1 : 1 + len(body)] = body
+            row[1 + len(body)] = self.eos_id
+        return ids
+
+
+def decode_utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PreprocessError(f"{what} is not valid UTF-8 (byte {exc.start})") from None
+
+
+# ---------------------------------------------------------------------------------------- image
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; alpha is dropped (not composited), as `convert('RGB')` does."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit integer) grayscale: scale to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, bounded by the spec's byte and pixel limits."""
+    if len(data) == 0:
+        raise PreprocessError("image is empty (0 bytes)")
+    if len(data) > spec.max_image_bytes:
+        raise PreprocessError(
+            f"image is {len(data)} bytes, over the limit of {spec.max_image_bytes} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > spec.max_image_pixels:
+                raise PreprocessError(
+                    f"image is {width}x{height} pixels, over the limit of "
+                    f"{spec.max_image_pixels} pixels"
+                )
+            img.seek(0)  # first frame of an animated image
+            img.load()
+            if spec.apply_exif_orientation:
+                img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except PreprocessError:
+        raise
+    except UnidentifiedImageError:
+        raise PreprocessError("image bytes are not a supported image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PreprocessError(f"image rejected as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise PreprocessError(f"image data is corrupt or truncated: {exc}") from None
+
+
+def image_to_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB image -> [3, image_size, image_size] float32, normalised."""
+    if spec.interpolation != "bilinear":
+        raise ValueError(f"unsupported interpolation {spec.interpolation!r}")
+    if spec.pad_to_square and img.width != img.height:
+        side = max(img.width, img.height)
+        square = Image.new("RGB", (side, side), (0, 0, 0))
+        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = square
+    img = img.resize((spec.resize_size, spec.resize_size), Image.BILINEAR)
+    o, s = spec.crop_offset, spec.image_size
+    img = img.crop((o, o, o + s, o + s))
+    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(((arr - mean) / std).transpose(2, 0, 1))
+
+
+def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    return image_to_pixels(decode_image(data, spec), spec)
+
+
+class Preprocessor:
+    """Both halves together, as the ensemble's first step runs them."""
+
+    def __init__(self, spec: PreprocessSpec, assets_dir: Path = DEFAULT_ASSETS) -> None:
+        self.spec = spec
+        self.text = TextPreprocessor(spec, assets_dir)
+
+    def __call__(
+        self, images: list[bytes], tweets: list[str], captions: list[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        captions = captions if captions is not None else [None] * len(tweets)
+        pixels = np.stack([preprocess_image(b, self.spec) for b in images])
+        texts = [compose_text(t, c, self.spec) for t, c in zip(tweets, captions)]
+        return pixels, self.text(texts)
