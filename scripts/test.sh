@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command of the README (and of CI): set up .venv if needed, lint, run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q "$@"
