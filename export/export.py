@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_models(args: argparse.Namespace):
+def load_models(args: argparse.Namespace):
     """-> (encoders, heads: dict task -> module, provenance dict)."""
     from export.checkpoint import (
         CheckpointError,
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configs written to {args.out} (no model files: run without --configs-only)")
         return 0
     try:
-        enc, heads, provenance = _load_models(args)
+        enc, heads, provenance = load_models(args)
     except UsageError as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
         return 2

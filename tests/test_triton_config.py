@@ -101,7 +101,7 @@ def test_committed_model_repository_is_a_fresh_regeneration(tmp_path: Path) -> N
     assert run_export("--configs-only", "--out", str(tmp_path)) == 0
     committed = ROOT / "model_repository"
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    ours = sorted(
+    ours = sorted(  # (python caches of a server that loaded it are not part of the repository)
         p.relative_to(committed)
         for p in committed.rglob("*")
         if p.is_file()

@@ -1,0 +1,1 @@
+"""Serving: run the embedded tritonserver (nvidia-pytriton) on a model repository."""

@@ -1,0 +1,129 @@
+"""Serve a model repository with the tritonserver of nvidia-pytriton (python backend, CPU).
+
+    python deploy/serve.py --model-repository model_repository
+
+Checks the repository (exit 2 if the embedded server cannot serve it), starts tritonserver,
+prints one line once the model is ready, then serves until Ctrl-C or SIGTERM and shuts the
+server down cleanly (exit 0). A start-up failure prints the failed model's error (exit 1).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Runnable as `python deploy/serve.py` from a checkout, without installing the project.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from types import FrameType  # noqa: E402
+
+from deploy.server import (  # noqa: E402
+    DEFAULT_MODEL,
+    EmbeddedServer,
+    RepositoryError,
+    ServerStartError,
+    TritonNotFoundError,
+    check_repository,
+)
+
+PROG = "serve.py"
+
+
+class _Shutdown(Exception):
+    """Raised by the SIGINT/SIGTERM handler in the main thread."""
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    # Ignore further signals while the server drains and stops (it has its own deadline).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Shutdown(signum)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Serve a model repository with the embedded tritonserver."
+    )
+    parser.add_argument("--model-repository", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--address", default="127.0.0.1", help="bind address (127.0.0.1)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model to wait for ({DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for readiness (300)"
+    )
+    parser.add_argument(
+        "--log-file", type=Path, default=None, help="tritonserver log (default: a temp file)"
+    )
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        names = check_repository(args.model_repository)
+        if args.model not in names:
+            raise RepositoryError(
+                f"model '{args.model}' is not in {args.model_repository} "
+                f"(it has: {', '.join(names)})"
+            )
+    except RepositoryError as exc:
+        _error(str(exc))
+        return 2
+    except ImportError as exc:  # protobuf / tritonclient missing: wrong interpreter or venv
+        _error(f"{exc} (Python: {sys.executable}); install the project: pip install -e '.[server]'")
+        return 1
+
+    server = EmbeddedServer(
+        args.model_repository,
+        address=args.address,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model=args.model,
+        log_file=args.log_file,
+        timeout=args.timeout,
+    )
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        try:
+            server.start()
+        except (ServerStartError, TritonNotFoundError, RepositoryError, OSError) as exc:
+            _error(exc.summary() if isinstance(exc, ServerStartError) else str(exc))
+            return 1
+        print(
+            f"{args.model} ready on http://{server.url_http} grpc {server.url_grpc} "
+            f"metrics http://{server.url_metrics}/metrics "
+            f"(ready in {server.ready_seconds or 0.0:.1f} s)",
+            flush=True,
+        )
+        while (returncode := server.poll()) is None:
+            time.sleep(0.5)
+        server.stop(keep_log=True)
+        _error(f"tritonserver exited unexpectedly with code {returncode} (log: {server.log_file})")
+        return 1
+    except _Shutdown:
+        returncode = server.stop()
+        # -SIGTERM: stopped while still loading models (before Triton handles signals).
+        if returncode not in (0, -signal.SIGTERM, None):
+            _error(f"tritonserver stopped with code {returncode} (log: {server.log_file})")
+            return 1
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

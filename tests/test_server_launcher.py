@@ -1,0 +1,385 @@
+"""deploy.server / deploy/serve.py against the tritonserver of nvidia-pytriton (a few s each).
+
+A throwaway repository: python-backend model ``echo`` (identity on FP32[4], dynamic batching)
+wrapped by an ensemble ``crisis_classifier``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.server import (
+    EmbeddedServer,
+    RepositoryError,
+    ServerStartError,
+    check_repository,
+    find_tritonserver,
+    free_port,
+    prepare_backend_dir,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_server = pytest.mark.skipif(
+    importlib.util.find_spec("pytriton") is None, reason="nvidia-pytriton is not installed"
+)
+
+ECHO_CONFIG = """
+name: "echo"
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { }
+instance_group [ { kind: KIND_CPU count: 1 } ]
+parameters { key: "probe_file" value: { string_value: "%s" } }
+"""
+
+ECHO_MODEL = """
+import json
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"]).get("parameters", {})
+        probe = params.get("probe_file", {}).get("string_value")
+        if probe:
+            import tritonclient  # a dependency of the project: must come from its environment
+
+            with open(probe, "w") as handle:
+                json.dump({"prefix": sys.prefix, "version": sys.version,
+                           "numpy": np.__file__, "tritonclient": tritonclient.__file__}, handle)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", x)]))
+        return responses
+"""
+
+BROKEN_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        raise ValueError("echo cannot initialize: tokenizer.json is missing (test)")
+
+    def execute(self, requests):
+        return []
+"""
+
+ENSEMBLE_CONFIG = """
+name: "crisis_classifier"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling {
+  step [ { model_name: "echo" model_version: -1
+           input_map { key: "INPUT0" value: "X" } output_map { key: "OUTPUT0" value: "Y" } } ]
+}
+"""
+
+
+def make_repo(root: Path, *, broken: bool = False, probe_file: Path | None = None) -> Path:
+    repo = root / "repo"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "crisis_classifier" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG % (probe_file or ""))
+    (repo / "echo" / "1" / "model.py").write_text(BROKEN_MODEL if broken else ECHO_MODEL)
+    (repo / "crisis_classifier" / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
+    return repo
+
+
+def ports() -> dict[str, int]:
+    chosen: set[int] = set()
+    while len(chosen) < 3:
+        chosen.add(free_port())
+    http, grpc, metrics = sorted(chosen)
+    return {"http_port": http, "grpc_port": grpc, "metrics_port": metrics}
+
+
+def listeners(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net shows them) listening on TCP ``port``."""
+    found = []
+    for table in ("tcp", "tcp6"):
+        path = Path("/proc/net") / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(port_hex, 16) == port:
+                found.append(address)
+    return found
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::ffff:127.0.0.1
+
+
+def can_bind(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+# --------------------------------------------------------------------------- repository
+
+
+def test_check_repository_accepts_python_and_ensemble(tmp_path: Path) -> None:
+    assert check_repository(make_repo(tmp_path)) == ["crisis_classifier", "echo"]
+
+
+@pytest.mark.parametrize(
+    "line", ['platform: "onnxruntime_onnx"', 'platform: "tensorrt_plan"', 'backend: "onnxruntime"']
+)
+def test_check_repository_refuses_backends_the_server_lacks(tmp_path: Path, line: str) -> None:
+    repo = make_repo(tmp_path)
+    (repo / "visual" / "1").mkdir(parents=True)
+    (repo / "visual" / "config.pbtxt").write_text(f'name: "visual"\n{line}\nmax_batch_size: 8\n')
+    with pytest.raises(RepositoryError) as info:
+        check_repository(repo)
+    message = str(info.value)
+    assert "'visual'" in message and line.split('"')[1] in message
+    assert "--backend python" in message and "Triton container" in message
+
+
+def test_check_repository_refuses_config_that_does_not_parse(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    (repo / "echo" / "config.pbtxt").write_text('name: "echo"\nbackend: "python"\nmax_batch: 8\n')
+    with pytest.raises(RepositoryError, match=r"model 'echo'.*does not parse.*max_batch"):
+        check_repository(repo)
+
+
+def test_check_repository_refuses_ensemble_without_version_folder(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    (repo / "crisis_classifier" / "1").rmdir()
+    with pytest.raises(RepositoryError, match="'crisis_classifier' has no version folder"):
+        check_repository(repo)
+
+
+# --------------------------------------------------------------------------- binaries
+
+
+@needs_server
+def test_backend_dir_holds_stub_for_this_python(tmp_path: Path) -> None:
+    assert find_tritonserver().is_file()
+    backends = prepare_backend_dir(tmp_path / "backends")
+    assert prepare_backend_dir(tmp_path / "backends") == backends  # idempotent
+    stub = backends / "python" / "triton_python_backend_stub"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert stub.resolve().parent.name == version
+    assert (backends / "python" / "libtriton_python.so").resolve().is_file()
+    assert (backends / "python" / "triton_python_backend_utils.py").resolve().is_file()
+
+
+# --------------------------------------------------------------------------- server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedServer, Path]]:
+    root = tmp_path_factory.mktemp("served")
+    probe = root / "probe.json"
+    server = EmbeddedServer(make_repo(root, probe_file=probe), timeout=60, **ports())
+    with server:
+        yield server, probe
+
+
+@needs_server
+def test_server_ready_and_stub_uses_this_interpreter(
+    served: tuple[EmbeddedServer, Path],
+) -> None:
+    import tritonclient
+
+    server, probe = served
+    assert server.ready_seconds is not None and 0 < server.ready_seconds < 60
+    seen = json.loads(probe.read_text())
+    assert seen["version"] == sys.version  # this libpython, not a system one
+    assert seen["prefix"] == sys.prefix  # this virtual environment
+    assert Path(seen["numpy"]) == Path(np.__file__)
+    assert Path(seen["tritonclient"]) == Path(tritonclient.__file__)
+
+
+@needs_server
+def test_server_answers_http_and_grpc(served: tuple[EmbeddedServer, Path]) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    server, _ = served
+    batch = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+    http = httpclient.InferenceServerClient(server.url_http)
+    try:
+        tensor = httpclient.InferInput("X", [2, 4], "FP32")
+        tensor.set_data_from_numpy(batch)
+        np.testing.assert_array_equal(
+            http.infer("crisis_classifier", [tensor]).as_numpy("Y"), batch
+        )
+    finally:
+        http.close()
+
+    grpc = grpcclient.InferenceServerClient(server.url_grpc)
+    try:
+        tensor = grpcclient.InferInput("X", [2, 4], "FP32")
+        tensor.set_data_from_numpy(batch)
+        np.testing.assert_array_equal(
+            grpc.infer("crisis_classifier", [tensor]).as_numpy("Y"), batch
+        )
+    finally:
+        grpc.close()
+
+
+@needs_server
+def test_server_binds_loopback_by_default(served: tuple[EmbeddedServer, Path]) -> None:
+    server, _ = served
+    for port in (server.http_port, server.grpc_port, server.metrics_port):
+        found = listeners(port)
+        assert found and set(found) <= LOOPBACK, (port, found)
+    assert server.url_http == f"127.0.0.1:{server.http_port}"
+
+
+@needs_server
+def test_server_stops_cleanly(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    server = EmbeddedServer(repo, timeout=60, log_file=tmp_path / "triton.log", **ports())
+    server.start()
+    pid = server.pid
+    assert pid is not None and server.poll() is None
+    assert processes_mentioning(str(repo))  # tritonserver and the echo stub
+
+    assert server.stop() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert processes_mentioning(str(repo)) == []  # no stub left behind
+    for port in (server.http_port, server.grpc_port, server.metrics_port):
+        assert listeners(port) == [] and can_bind(port)
+    assert (tmp_path / "triton.log").stat().st_size > 0  # a given log file is kept
+    assert server.stop() == 0  # idempotent
+
+
+@needs_server
+def test_failed_model_load_raises_with_the_model_error(tmp_path: Path) -> None:
+    log = tmp_path / "triton.log"
+    server = EmbeddedServer(make_repo(tmp_path, broken=True), timeout=60, log_file=log, **ports())
+    started = time.monotonic()
+    with pytest.raises(ServerStartError) as info:
+        server.start()
+    assert time.monotonic() - started < 30  # no hang until the timeout
+    error = info.value
+    assert "tokenizer.json is missing (test)" in str(error)
+    assert "tokenizer.json is missing (test)" in error.model_errors["echo"]
+    assert "echo" in error.summary() and "\n" not in error.summary()
+    assert error.log_file == log and "failed to load 'echo'" in log.read_text()
+    assert server.poll() is not None
+
+
+# --------------------------------------------------------------------------- serve.py
+
+
+def serve(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.Popen(
+        [sys.executable, "deploy/serve.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        pytest.fail(f"no ready line within {timeout} s")
+
+
+def port_args(chosen: dict[str, int]) -> list[str]:
+    return [f"--{key.replace('_', '-')}={value}" for key, value in chosen.items()]
+
+
+@needs_server
+def test_serve_cli_ready_line_and_sigterm(tmp_path: Path) -> None:
+    chosen = ports()
+    proc = serve("--model-repository", str(make_repo(tmp_path)), *port_args(chosen))
+    try:
+        line = first_line(proc, timeout=60)
+        h, g, m = chosen["http_port"], chosen["grpc_port"], chosen["metrics_port"]
+        assert re.fullmatch(
+            rf"crisis_classifier ready on http://127\.0\.0\.1:{h} grpc 127\.0\.0\.1:{g} "
+            rf"metrics http://127\.0\.0\.1:{m}/metrics \(ready in \d+\.\d s\)\n",
+            line,
+        ), line
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "" and "Traceback" not in err
+    assert listeners(h) == [] and listeners(g) == []
+
+
+@needs_server
+def test_serve_cli_start_failure_is_one_message(tmp_path: Path) -> None:
+    repo, log = make_repo(tmp_path, broken=True), tmp_path / "triton.log"
+    proc = serve("--model-repository", str(repo), f"--log-file={log}", *port_args(ports()))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "model 'echo' failed to load" in err and "tokenizer.json is missing (test)" in err
+    assert str(log) in err
+
+
+def test_serve_cli_refuses_repository_with_exit_2(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    (repo / "echo" / "config.pbtxt").write_text('name: "echo"\nplatform: "onnxruntime_onnx"\n')
+    proc = serve("--model-repository", str(repo), *port_args(ports()))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "model 'echo'" in err and "onnxruntime_onnx" in err
