@@ -105,6 +105,7 @@ def test_committed_model_repository_is_a_fresh_regeneration(tmp_path: Path) -> N
         p.relative_to(committed)
         for p in committed.rglob("*")
         if p.is_file()
+        and "__pycache__" not in p.parts
         and p.suffix not in (".onnx", ".plan", ".data")
         and p.name != "export_report.json"
     )
