@@ -615,10 +615,18 @@ class _UsageError(Exception):
     pass
 
 
+def warn_if_random(client: CrisisClient) -> None:
+    """Random-weights exports are for tests and demos: say so on every use."""
+    note = client.weights_note()
+    if note.startswith("RANDOM"):
+        sys.stderr.write(f"{PROG}: warning: the served model has {note.split(';')[0]}\n")
+
+
 def run_single(args: argparse.Namespace, stdout: TextIO) -> int:
     image = read_image(Path(args.image))
     with _make_client(args) as client:
         client.check_ready()
+        warn_if_random(client)
         predictions = client.classify(image, args.text, args.caption, args.tasks, args.top_k)
     if args.json:
         stdout.write(json.dumps(predictions_json(predictions, args.top_k is not None)) + "\n")
@@ -636,6 +644,7 @@ def run_batch_mode(args: argparse.Namespace) -> int:
         selected: Sequence[str] | None = None
         if pending_rows(rows, records, args.retry_errors):  # else: no need for the server
             client.check_ready()
+            warn_if_random(client)
             selected = client.select_tasks(args.tasks)
 
         def classify(image: bytes, text: str, caption: str | None) -> Mapping[str, Prediction]:

@@ -26,7 +26,15 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from export.spec import CAPTION_INPUT, ENSEMBLE, IMAGE_INPUT, TEXT_INPUT, probs_name, task_of_output
+from export.spec import (
+    CAPTION_INPUT,
+    ENSEMBLE,
+    IMAGE_INPUT,
+    TEXT_INPUT,
+    WEIGHTS_PARAMETER,
+    probs_name,
+    task_of_output,
+)
 
 Protocol = Literal["http", "grpc"]
 PROTOCOLS: tuple[str, ...] = ("http", "grpc")
@@ -457,6 +465,17 @@ class CrisisClient:
                 meta = self._call("model metadata", lambda c: c.get_model_metadata(self.model))
             self._info = model_info_from_metadata(meta, self.model)
         return self._info
+
+    def weights_note(self) -> str:
+        """Where the served weights came from (the ensemble config's parameter; '' if absent)."""
+        kw = self._kwargs()
+        if self.protocol == "grpc":
+            config = self._call(
+                "model config", lambda c: c.get_model_config(self.model, as_json=True, **kw)
+            ).get("config", {})
+        else:
+            config = self._call("model config", lambda c: c.get_model_config(self.model))
+        return config.get("parameters", {}).get(WEIGHTS_PARAMETER, {}).get("string_value", "")
 
     def tasks(self) -> tuple[str, ...]:
         """The tasks the served model answers, in its output order."""

@@ -27,7 +27,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python export/export.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.spec import ALL_TASKS, DEFAULT_TASKS, HEAD_VARIANTS, build_specs  # noqa: E402
+from export.spec import (  # noqa: E402
+    ALL_TASKS,
+    DEFAULT_TASKS,
+    HEAD_VARIANTS,
+    RANDOM_WEIGHTS_NOTE,
+    build_specs,
+)
 from export.triton_config import BACKENDS, Deployment  # noqa: E402
 
 RANDOM_BANNER = (
@@ -349,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = build_specs(enc.config, tuple(heads))
     head = build_multitask_head(heads, specs.tasks)
     preprocess_spec = enc.config.preprocess_spec()
-    write_repository(args.out, specs, dep, preprocess_spec)
+    weights = "; ".join(
+        [RANDOM_WEIGHTS_NOTE] * enc.random_weights
+        + [f"encoders: {enc.description}"]
+        + [f"{t}: {p}" for t, p in provenance.items()]
+    )
+    write_repository(args.out, specs, dep, preprocess_spec, weights)
     print(f"encoders: {enc.description}; tasks: {', '.join(specs.tasks)}")
     modules = {
         specs.image_encoder.name: enc.image,

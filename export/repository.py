@@ -41,8 +41,10 @@ def model_dir(repo: Path, name: str) -> Path:
     return repo / name / VERSION
 
 
-def write_configs(repo: Path, specs: ModelSpecs, dep: Deployment) -> list[Path]:
-    configs = all_configs(specs, dep)
+def write_configs(
+    repo: Path, specs: ModelSpecs, dep: Deployment, weights: str | None = None
+) -> list[Path]:
+    configs = all_configs(specs, dep, weights)
     problems = check_ensemble_wiring(configs)
     if problems:
         raise ValueError("ensemble wiring is broken:\n  " + "\n  ".join(problems))
@@ -56,11 +58,15 @@ def write_configs(repo: Path, specs: ModelSpecs, dep: Deployment) -> list[Path]:
 
 
 def write_repository(
-    repo: Path, specs: ModelSpecs, dep: Deployment, preprocess_spec: PreprocessSpec
+    repo: Path,
+    specs: ModelSpecs,
+    dep: Deployment,
+    preprocess_spec: PreprocessSpec,
+    weights: str | None = None,
 ) -> None:
     """Everything but the model files (model.onnx / model.plan); the exporter writes those."""
     repo.mkdir(parents=True, exist_ok=True)
-    write_configs(repo, specs, dep)
+    write_configs(repo, specs, dep, weights)
     # Ensemble: an empty version folder (kept in git by .gitkeep).
     ens = model_dir(repo, specs.ensemble.name)
     ens.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,10 @@ IMAGE_ENCODER = "image_encoder"
 TEXT_ENCODER = "text_encoder"
 HEAD = "fusion_head"
 
+# Ensemble config parameter telling clients where the weights came from ("RANDOM ..." when random).
+WEIGHTS_PARAMETER = "weights"
+RANDOM_WEIGHTS_NOTE = "RANDOM weights: for tests and demos, predictions are meaningless"
+
 # Ensemble / preprocess request inputs (raw post).
 IMAGE_INPUT = "image"
 TEXT_INPUT = "text"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from export.spec import GraphSpec, ModelSpecs, TensorSpec, label_file
+from export.spec import WEIGHTS_PARAMETER, GraphSpec, ModelSpecs, TensorSpec, label_file
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 # Model file and platform/backend of the compute models (encoders, head) per flavour.
@@ -114,8 +114,11 @@ def compute_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.ModelCo
     return _to_proto(config)
 
 
-def ensemble_config(specs: ModelSpecs, dep: Deployment) -> model_config_pb2.ModelConfig:
-    """Steps preprocess -> image/text encoders -> head; tensors keep their spec names throughout."""
+def ensemble_config(
+    specs: ModelSpecs, dep: Deployment, weights: str | None = None
+) -> model_config_pb2.ModelConfig:
+    """Steps preprocess -> image/text encoders -> head; tensors keep their spec names throughout.
+    `weights` (where the weights came from) is exposed to clients as a config parameter."""
 
     def step(g: GraphSpec) -> dict:
         return {
@@ -126,8 +129,10 @@ def ensemble_config(specs: ModelSpecs, dep: Deployment) -> model_config_pb2.Mode
         }
 
     ens = specs.ensemble
+    parameters = {WEIGHTS_PARAMETER: {"string_value": weights}} if weights else {}
     return _to_proto(
         {
+            "parameters": parameters,
             "name": ens.name,
             "platform": "ensemble",
             "max_batch_size": dep.max_batch_size,
@@ -143,11 +148,13 @@ def ensemble_config(specs: ModelSpecs, dep: Deployment) -> model_config_pb2.Mode
     )
 
 
-def all_configs(specs: ModelSpecs, dep: Deployment) -> dict[str, model_config_pb2.ModelConfig]:
+def all_configs(
+    specs: ModelSpecs, dep: Deployment, weights: str | None = None
+) -> dict[str, model_config_pb2.ModelConfig]:
     return {
         specs.preprocess.name: preprocess_config(specs.preprocess, dep),
         **{g.name: compute_config(g, dep) for g in specs.onnx_graphs},
-        specs.ensemble.name: ensemble_config(specs, dep),
+        specs.ensemble.name: ensemble_config(specs, dep, weights),
     }
 
 

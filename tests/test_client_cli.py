@@ -383,6 +383,9 @@ class FakeClient:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def weights_note(self) -> str:
+        return ""
+
     def check_ready(self) -> None:
         if isinstance(self.error, ServerUnreachableError | ModelNotReadyError):
             raise self.error
