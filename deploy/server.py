@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes.util
 import functools
 import importlib.util
 import json
@@ -218,7 +219,22 @@ def _stub_for_this_python() -> Path:
             f"nvidia-pytriton has no {STUB_NAME} for Python {version} "
             f"(it has: {', '.join(available) or 'none'}); run with one of those Python versions"
         )
+    _check_libpython(version)
     return stub
+
+
+def _check_libpython(version: str) -> None:
+    """The stub links libpython<version>.so.1.0 by name; Debian's python3 does not install it."""
+    name = f"libpython{version}.so.1.0"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    if libdir and (Path(libdir) / name).exists():
+        return
+    if ctypes.util.find_library(f"python{version}"):
+        return
+    raise TritonNotFoundError(
+        f"{name} not found: the python backend stub needs it (Debian/Ubuntu: "
+        f"apt-get install libpython{version}; scripts/setup.sh does this when run as root)"
+    )
 
 
 def _symlink(target: Path, link: Path) -> None:

@@ -8,6 +8,19 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# The embedded tritonserver's python-backend stub links libpythonX.Y.so.1.0. Debian's python3 package
+# does not install it (package libpythonX.Y); install it where we can, else say what is missing.
+PYV=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LIBDIR=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
+if [ ! -e "$LIBDIR/libpython$PYV.so.1.0" ] && ! ldconfig -p 2>/dev/null | grep -q "libpython$PYV.so.1.0"; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing libpython$PYV (needed by Triton's python backend stub)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "libpython$PYV") >/dev/null
+  else
+    echo "WARNING: libpython$PYV.so.1.0 not found: the embedded tritonserver cannot run python models." >&2
+    echo "         Install it (Debian/Ubuntu: sudo apt-get install libpython$PYV)." >&2
+  fi
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[export,server,dev]"
