@@ -283,7 +283,7 @@ def _check_same_encoders(cks: dict) -> None:
                 )
 
 
-def _end_to_end_check(repo: Path, specs, enc, head, preprocess_spec, model_files) -> dict:
+def _end_to_end_check(specs, enc, head, preprocess_spec, model_files: dict[str, Path]) -> dict:
     """One synthetic post through preprocess -> ONNX chain vs the same through PyTorch."""
     import io
 
@@ -384,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(report.lines()))
         reports.append(report)
     passed = all(r.passed for r in reports)
-    e2e = _end_to_end_check(args.out, specs, enc, head, preprocess_spec, files) if passed else None
+    e2e = _end_to_end_check(specs, enc, head, preprocess_spec, files) if passed else None
     if e2e:
         print(f"end to end (preprocess -> ONNX vs PyTorch): {e2e}")
     import onnx

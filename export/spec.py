@@ -1,6 +1,6 @@
 """The one source of truth: tasks and labels, tensor names/dtypes/dims of every graph, tolerances.
 
-Standard library and numpy only, so the client, the Triton python models and the tests import it
+Standard library only (plus the preprocessing module), so the client, the Triton python models and the tests import it
 without torch. Everything else (ONNX export, validation, config.pbtxt, client, tests) derives from
 the specs built here; no tensor name is typed anywhere else.
 """
@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from export.preprocess import PreprocessSpec
 
@@ -109,10 +107,6 @@ class TensorSpec:
             raise ValueError(f"{self.name}: dims must be -1 or positive, got {self.dims}")
 
     @property
-    def np_dtype(self) -> np.dtype:
-        return np.dtype(object) if self.dtype == "bytes" else np.dtype(self.dtype)
-
-    @property
     def triton_dtype(self) -> str:
         return TRITON_DTYPES[self.dtype]
 
@@ -140,11 +134,6 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
-
-    def output(self, name: str) -> TensorSpec:
-        return next(t for t in self.outputs if t.name == name)
 
 
 # --------------------------------------------------------------------------- encoder families
