@@ -1,8 +1,8 @@
 """The one source of truth: tasks and labels, tensor names/dtypes/dims of every graph, tolerances.
 
-Standard library only (plus the preprocessing module), so the client, the Triton python models and the tests import it
-without torch. Everything else (ONNX export, validation, config.pbtxt, client, tests) derives from
-the specs built here; no tensor name is typed anywhere else.
+Standard library only (plus the torch-free preprocessing module), so the client, the Triton python
+models and the tests import it without torch. Everything else (ONNX export, validation,
+config.pbtxt, client, tests) derives from the specs built here; no tensor name is typed elsewhere.
 """
 
 from __future__ import annotations
