@@ -34,6 +34,9 @@ class Deployment:
     preprocess_instances: int = 2
     device: str = ""  # "cpu" | "gpu"; default: cpu for python, gpu otherwise
     intra_op_threads: int = 0  # python flavour; 0 = at load time, cores / instances
+    # python flavour: ONNX Runtime's busy-waiting threads. Off by default: the image and text
+    # encoders run at the same time in the ensemble, and spinning pools starve each other.
+    intra_op_spinning: bool = False
     ort_accelerator: dict[str, str] = field(default_factory=dict)  # onnxruntime GPU options
 
     def __post_init__(self) -> None:
@@ -99,6 +102,7 @@ def compute_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.ModelCo
         config["parameters"] = {
             "onnx_file": {"string_value": flavour["model_file"]},
             "intra_op_num_threads": {"string_value": str(dep.intra_op_threads)},
+            "intra_op_spinning": {"string_value": str(int(dep.intra_op_spinning))},
         }
     else:
         config["platform"] = flavour["platform"]

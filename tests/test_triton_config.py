@@ -41,6 +41,7 @@ def test_every_config_round_trips_through_model_config_proto(backend: str) -> No
     encoder = configs["image_encoder"]
     if backend == "python":
         assert encoder.backend == "python"
+        assert encoder.parameters["intra_op_spinning"].string_value == "0"  # see Deployment
         assert encoder.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     else:
         assert (

@@ -28,6 +28,8 @@ class TritonPythonModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        spinning = params.get("intra_op_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         path = Path(args["model_repository"]) / args["model_version"] / params["onnx_file"]
         if not path.is_file():
             raise pb_utils.TritonModelException(f"ONNX file not found: {path}")
