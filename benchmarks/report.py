@@ -1,0 +1,396 @@
+"""Rows, ratios and targets; results.json, results.md and the latency-vs-throughput plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Row = dict[str, Any]
+Tick = Callable[[int], None]
+
+TRITON_PATHS = ("triton", "triton_one_task")
+STEP_FIELDS = ("queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms")
+# What each path's latency covers (the Markdown legend and every row's "includes").
+INCLUDES = {
+    "research": "PyTorch eager, model only (tensors pre-made)",
+    "research+preprocess": "PyTorch eager, preprocessing + model, from encoded bytes",
+    "preprocess": "preprocessing only (JPEG decode, resize, tokenise), in process",
+    "onnxruntime": "ONNX Runtime, model only (tensors pre-made)",
+    "onnxruntime+preprocess": "ONNX Runtime, preprocessing + model, from encoded bytes",
+    "triton": "end to end from encoded bytes: client, network, preprocess, encoders, head",
+    "triton_one_task": "as triton, repository serving task1 only",
+}
+
+
+def summarize(latencies_ms: Sequence[float]) -> dict[str, float]:
+    if len(latencies_ms) == 0:
+        return {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")}
+    a = np.asarray(latencies_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {
+        "p50_ms": round(float(p50), 3),
+        "p90_ms": round(float(p90), 3),
+        "p99_ms": round(float(p99), 3),
+        "mean_ms": round(float(a.mean()), 3),
+        "min_ms": round(float(a.min()), 3),
+        "max_ms": round(float(a.max()), 3),
+    }
+
+
+def make_row(
+    path: str,
+    protocol: str,
+    *,
+    latencies_ms: Sequence[float],
+    samples: int,
+    seconds: float,
+    concurrency: int = 1,
+    batch_size: int = 1,
+    errors: int = 0,
+    **extra: Any,
+) -> Row:
+    """One measured configuration. `samples` posts answered in `seconds` of wall time;
+    latency is per call (a batch's latency is every one of its requests' latency)."""
+    base = path.split("-")[0]  # "onnxruntime-cuda" -> "onnxruntime"
+    return {
+        "path": path,
+        "protocol": protocol,
+        "concurrency": concurrency,
+        "batch_size": batch_size,
+        "requests": samples,
+        "errors": errors,
+        "seconds": round(seconds, 3),
+        "throughput_rps": round(samples / seconds, 3) if seconds > 0 else 0.0,
+        **summarize(latencies_ms),
+        "includes": INCLUDES.get(base, ""),
+        **extra,
+    }
+
+
+# ------------------------------------------------------------------------------ ratios, targets
+
+
+def _cpu(rows: Iterable[Row], path: str) -> list[Row]:
+    return [r for r in rows if r["path"] == path and r.get("device", "cpu") == "cpu"]
+
+
+def _best(rows: Iterable[Row]) -> Row | None:
+    rows = [r for r in rows if r["errors"] == 0]
+    return max(rows, key=lambda r: r["throughput_rps"]) if rows else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def references(rows: Sequence[Row]) -> dict[str, Row | None]:
+    ort = _cpu(rows, "onnxruntime")
+    return {
+        "ort_best": _best(ort),
+        "ort_b1": next((r for r in ort if r["batch_size"] == 1), None),
+        "research": next(iter(_cpu(rows, "research")), None),
+        "triton_best": _best(_cpu(rows, "triton")),
+    }
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Each row's throughput relative to in-process ORT at its best batch and to the research path;
+    a one-task row also gets the all-tasks row of the same protocol and concurrency over it."""
+    ref = references(rows)
+    ort = ref["ort_best"]["throughput_rps"] if ref["ort_best"] else None
+    research = ref["research"]["throughput_rps"] if ref["research"] else None
+    for r in rows:
+        r["x_ort_best"] = _ratio(r["throughput_rps"], ort)
+        r["x_research"] = _ratio(r["throughput_rps"], research)
+        if r["path"] == "triton_one_task":
+            same = next(
+                (
+                    a
+                    for a in rows
+                    if a["path"] == "triton"
+                    and a["protocol"] == r["protocol"]
+                    and a["concurrency"] == r["concurrency"]
+                ),
+                None,
+            )
+            r["all_tasks_over_one_task"] = (
+                _ratio(same["throughput_rps"], r["throughput_rps"]) if same else None
+            )
+
+
+def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The issue's four targets against this run's rows (None where a row is missing)."""
+    ref = references(rows)
+    triton = _cpu(rows, "triton")
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: str, ok: bool | None, detail: str) -> None:
+        out.append({"target": name, "measured": value, "goal": goal, "met": ok, "detail": detail})
+
+    best, ort_best = ref["triton_best"], ref["ort_best"]
+    v = _ratio(best and best["throughput_rps"], ort_best and ort_best["throughput_rps"])
+    add(
+        "Triton saturation throughput / in-process ORT best batch",
+        v,
+        ">= 0.9",
+        None if v is None else v >= 0.9,
+        f"Triton {best['throughput_rps']:.2f} rps ({best['protocol']}, c={best['concurrency']}) "
+        f"vs ORT {ort_best['throughput_rps']:.2f} rps (batch {ort_best['batch_size']})"
+        if best and ort_best
+        else "missing rows",
+    )
+    c1 = [r for r in triton if r["concurrency"] == 1 and r["errors"] == 0]
+    c1_best = min(c1, key=lambda r: r["p50_ms"]) if c1 else None
+    ort_b1 = ref["ort_b1"]
+    v = _ratio(c1_best and c1_best["p50_ms"], ort_b1 and ort_b1["p50_ms"])
+    add(
+        "Triton p50 at concurrency 1 / in-process ORT batch-1 p50",
+        v,
+        "<= 1.15",
+        None if v is None else v <= 1.15,
+        f"Triton {c1_best['p50_ms']:.1f} ms ({c1_best['protocol']}) "
+        f"vs ORT {ort_b1['p50_ms']:.1f} ms"
+        if c1_best and ort_b1
+        else "missing rows",
+    )
+    c8 = _best(r for r in triton if r["concurrency"] == 8)
+    research = ref["research"]
+    v = _ratio(c8 and c8["throughput_rps"], research and research["throughput_rps"])
+    add(
+        "Triton throughput at concurrency 8 / research path",
+        v,
+        ">= 1.5",
+        None if v is None else v >= 1.5,
+        f"Triton {c8['throughput_rps']:.2f} rps ({c8['protocol']}) vs research "
+        f"{research['throughput_rps']:.2f} rps (model only)"
+        if c8 and research
+        else "missing rows",
+    )
+    pairs = [r for r in _cpu(rows, "triton_one_task") if r.get("all_tasks_over_one_task")]
+    worst = min(pairs, key=lambda r: r["all_tasks_over_one_task"]) if pairs else None
+    v = worst["all_tasks_over_one_task"] if worst else None
+    add(
+        "All tasks / one task throughput (same protocol and concurrency)",
+        v,
+        ">= 0.95",
+        None if v is None else v >= 0.95,
+        f"worst pair: {worst['protocol']} c={worst['concurrency']}, one task "
+        f"{worst['throughput_rps']:.2f} rps"
+        if worst
+        else "missing rows",
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------- analysis
+
+
+def where_time_goes(row: Row) -> str:
+    """One line for a Triton row: client/network vs server, and the server split per step."""
+    server = row.get("server") or {}
+    total = row.get("server_total_ms")
+    if not server or total is None:
+        return ""
+    parts = []
+    for model, s in server.items():
+        if model == "ensemble":
+            continue
+        parts.append(
+            f"{model} queue {s['queue_ms']:.1f} + infer {s['compute_infer_ms']:.1f} ms "
+            f"(in/out {s['compute_input_ms'] + s['compute_output_ms']:.1f}, "
+            f"batch {s['avg_batch']:.2f})"
+        )
+    return (
+        f"{row['protocol']} c={row['concurrency']}: client mean {row['mean_ms']:.1f} ms = server "
+        f"{total:.1f} ms + client/network {row['mean_ms'] - total:.1f} ms; " + "; ".join(parts)
+    )
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str, Any]]) -> str:
+    m = meta["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- machine: **{m['label']}**",
+        f"- software: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+        f"- model: {meta['model']}",
+        f"- inputs: {meta['workload']['posts']} synthetic posts (JPEG "
+        f"~{meta['workload']['image_kib_mean']} KiB, text ~{meta['workload']['text_chars_mean']} "
+        "chars), the same for every path",
+        f"- Triton deployment: {meta.get('deployment')}",
+        f"- command: `{meta['command']}`",
+        f"- load average (1 min) at start/end: {meta.get('load_start')} / {meta.get('load_end')}",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | goal | status | detail |",
+        "|---|---:|---|---|---|",
+    ]
+    for t in tgts:
+        status = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+        lines.append(
+            f"| {t['target']} | {fmt(t['measured'], 2)} | {t['goal']} | {status} | {t['detail']} |"
+        )
+    lines += [
+        "",
+        "## All paths",
+        "",
+        "Latency is per call: for an in-process batch, the batch's time (every request in it waits "
+        "for all of it). x ORT = throughput / in-process ONNX Runtime at its best batch size; "
+        "x research = throughput / research path (PyTorch eager, model only). other CPU = cores "
+        "that processes other than the benchmark and its server kept busy meanwhile (a shared "
+        "machine: above ~0.1 the row is disturbed).",
+        "",
+        "| path | protocol | device | conc. | batch | requests | req/s | p50 ms | p90 ms | p99 ms "
+        "| mean ms | errors | x ORT | x research | other CPU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['path']} | {r['protocol']} | {r.get('device', '-')} | {r['concurrency']} "
+            f"| {r['batch_size']} | {r['requests']} | {fmt(r['throughput_rps'], 2)} "
+            f"| {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} "
+            f"| {fmt(r['mean_ms'])} | {r['errors']} | {fmt(r.get('x_ort_best'), 2)} "
+            f"| {fmt(r.get('x_research'), 2)} | {fmt(r.get('foreign_cpu_cores'), 2)} |"
+        )
+    lines += ["", "What each path includes:", ""]
+    for path in dict.fromkeys(r["path"] for r in rows):
+        lines.append(f"- `{path}`: {INCLUDES.get(path.split('-')[0], '')}")
+    one = [r for r in rows if r.get("all_tasks_over_one_task") is not None]
+    if one:
+        lines += ["", "All tasks at once vs one task (task1):", ""]
+        for r in one:
+            lines.append(
+                f"- {r['protocol']} c={r['concurrency']}: one task "
+                f"{r['throughput_rps']:.2f} req/s, "
+                f"all tasks / one task = {r['all_tasks_over_one_task']:.3f}"
+            )
+    triton_rows = [r for r in rows if r["path"] in TRITON_PATHS and r.get("server")]
+    if triton_rows:
+        models = [m for m in triton_rows[0]["server"] if m != "ensemble"]
+        lines += [
+            "",
+            "## Triton server-side split",
+            "",
+            "Per request, in ms, from `/v2/models/<model>/stats` deltas over each level: "
+            "queue / compute input / compute infer / compute output, and the average batch that "
+            "dynamic batching formed (inference_count / execution_count). `server` is the "
+            "ensemble's own time per request; `client+net` the client's mean latency minus it.",
+            "",
+            "| path | protocol | conc. | req/s | mean ms | server | client+net | "
+            + " | ".join(models)
+            + " |",
+            "|---|---|---:|---:|---:|---:|---:|" + "---|" * len(models),
+        ]
+        for r in triton_rows:
+            cells = []
+            for m in models:
+                s = r["server"].get(m)
+                cells.append(
+                    "-"
+                    if s is None
+                    else "/".join(f"{s[f]:.1f}" for f in STEP_FIELDS) + f" b={s['avg_batch']:.2f}"
+                )
+            total = r.get("server_total_ms")
+            lines.append(
+                f"| {r['path']} | {r['protocol']} | {r['concurrency']} "
+                f"| {r['throughput_rps']:.2f} | {r['mean_ms']:.1f} | {fmt(total)} "
+                f"| {fmt(r['mean_ms'] - total if total is not None else None)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines += [
+            "",
+            "Client CPU per request (the load generator shares the machine): "
+            + ", ".join(
+                f"{r['protocol']} c={r['concurrency']} {r.get('client_cpu_ms_per_request', 0):.1f}"
+                " ms"
+                for r in triton_rows
+                if r["path"] == "triton"
+            ),
+        ]
+    if meta.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
+    if "no plot: matplotlib is not installed" not in meta.get("notes", []):
+        lines += ["", f"![latency vs throughput]({meta['plot']})"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Latency (p50 solid, p99 dotted) against throughput, one line per path/protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        if r["path"] == "preprocess":
+            continue
+        key = r["path"] if r["protocol"] == "inprocess" else f"{r['path']} {r['protocol']}"
+        groups.setdefault(key, []).append(r)
+    for key, group in groups.items():
+        group = sorted(group, key=lambda r: (r["concurrency"], r["batch_size"]))
+        x = [r["throughput_rps"] for r in group]
+        (line,) = ax.plot(x, [r["p50_ms"] for r in group], "o-", label=f"{key} p50")
+        ax.plot(x, [r["p99_ms"] for r in group], ":", color=line.get_color(), alpha=0.7)
+        for r in group:
+            tag = f"c{r['concurrency']}" if r["protocol"] != "inprocess" else f"b{r['batch_size']}"
+            ax.annotate(
+                tag,
+                (r["throughput_rps"], r["p50_ms"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("latency (ms): p50 solid, p99 dotted")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out: Path, rows: list[Row], meta: dict[str, Any]) -> dict[str, Path]:
+    """results.json (a list of rows, each with the machine), summary.json, results.md, PNG."""
+    out.mkdir(parents=True, exist_ok=True)
+    add_ratios(rows)
+    tgts = targets(rows)
+    for r in rows:
+        r["machine"] = meta["machine"]
+    files = {
+        "json": out / "results.json",
+        "summary": out / "summary.json",
+        "markdown": out / "results.md",
+        "plot": out / "latency_throughput.png",
+    }
+    meta = {**meta, "plot": files["plot"].name}
+    files["json"].write_text(json.dumps(rows, indent=1) + "\n")
+    files["summary"].write_text(json.dumps({**meta, "targets": tgts}, indent=1) + "\n")
+    try:
+        plot(rows, files["plot"], f"{meta['model']}\n{meta['machine']['label']}")
+    except ImportError:  # matplotlib is in the bench/dev extras
+        meta["notes"] = [*meta.get("notes", []), "no plot: matplotlib is not installed"]
+        del files["plot"]
+    files["markdown"].write_text(markdown(rows, meta, tgts))
+    return files

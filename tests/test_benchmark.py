@@ -1,0 +1,138 @@
+"""Smoke test of benchmarks/benchmark.py --quick (issue 5): every path runs on the tiny repository
+and the run writes results.json, results.md and the plot. No assertion on speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+REQUIRED = (
+    "path",
+    "protocol",
+    "concurrency",
+    "requests",
+    "throughput_rps",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "errors",
+    "machine",
+)
+NUMBERS = ("concurrency", "requests", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms")
+STEPS = ("preprocess", "image_encoder", "text_encoder", "fusion_head")
+
+
+def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--quick",
+         "--repo", str(tiny_repo), "--seed", "3", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    rows = json.loads((out / "results.json").read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert all(key in row for key in REQUIRED), sorted(set(REQUIRED) - set(row))
+        for key in NUMBERS:
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row)
+            assert row[key] >= 0, (key, row)
+        assert row["requests"] > 0 and row["throughput_rps"] > 0
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["errors"] == 0, row.get("error_samples")
+        assert row["machine"]["cores"] >= 1 and row["machine"]["cpu"]
+
+    paths = {(r["path"], r["protocol"]) for r in rows}
+    assert {
+        ("research", "inprocess"),
+        ("preprocess", "inprocess"),
+        ("onnxruntime", "inprocess"),
+        ("triton", "http"),
+        ("triton", "grpc"),
+        ("triton_one_task", "grpc"),
+    } <= paths
+    for protocol in ("http", "grpc"):
+        levels = {
+            r["concurrency"] for r in rows if (r["path"], r["protocol"]) == ("triton", protocol)
+        }
+        assert levels == {1, 2, 4, 8, 16, 32}
+    assert {r["batch_size"] for r in rows if r["path"] == "onnxruntime"} == {1, 2, 4, 8, 16}
+
+    for row in (r for r in rows if r["path"].startswith("triton")):
+        assert set(STEPS) <= set(row["server"])
+        for step in STEPS:
+            split = row["server"][step]
+            assert split["requests"] == row["requests"], (step, split)
+            assert min(split[k] for k in ("queue_ms", "compute_infer_ms")) >= 0
+            assert split["avg_batch"] >= 1
+        assert row["server_requests"] == row["requests"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["targets"]) == 4
+    assert all(t["measured"] is not None for t in summary["targets"])
+    markdown = (out / "results.md").read_text()
+    assert "## Targets" in markdown and "server-side split" in markdown
+    assert summary["machine"]["label"] in markdown
+    png = out / "latency_throughput.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_picks_a_configuration_within_the_budget_and_applies_it(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from benchmarks.repos import read_deployment
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    before = read_deployment(repo).dep
+    out = tmp_path / "sweep"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--quick", "--sweep",
+         "--repo", str(repo), "--sweep-delays-us", "0,3000", "--sweep-instances", "1,2",
+         "--sweep-threads", "0", "--sweep-concurrency", "4", "--requests", "16",
+         "--p99-budget-ms", "60000", "--apply", str(repo), "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rows = json.loads((out / "sweep.json").read_text())
+    assert {(r["max_queue_delay_us"], r["instances"]) for r in rows} == {
+        (0, 1), (0, 2), (3000, 1), (3000, 2),
+    }  # fmt: skip
+    assert all(r["errors"] == 0 and r["throughput_rps"] > 0 for r in rows)
+    best = max(rows, key=lambda r: r["throughput_rps"])  # every row is within a 60 s budget
+    after = read_deployment(repo).dep  # the configs still parse as export.py's own
+    assert (after.max_queue_delay_us, after.compute_instances) == (
+        best["max_queue_delay_us"], best["instances"],
+    )  # fmt: skip
+    assert after.max_batch_size == before.max_batch_size
+    assert "Best for p99" in (out / "sweep.md").read_text()
+
+
+def test_sweep_with_an_unmeetable_budget_applies_nothing(tiny_repo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    before = {p.name: (p / "config.pbtxt").read_text() for p in repo.iterdir() if p.is_dir()}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--quick", "--sweep",
+         "--repo", str(repo), "--sweep-delays-us", "1000", "--sweep-instances", "1",
+         "--sweep-threads", "0", "--sweep-concurrency", "2", "--requests", "8",
+         "--p99-budget-ms", "0.001", "--apply", str(repo), "--out", str(tmp_path / "o"),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "no configuration met the budget" in done.stderr
+    after = {p.name: (p / "config.pbtxt").read_text() for p in repo.iterdir() if p.is_dir()}
+    assert after == before
