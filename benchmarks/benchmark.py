@@ -25,7 +25,6 @@ import json
 import shlex
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from benchmarks import (  # noqa: E402
     sweep,
     workload,
 )
+from benchmarks.progress import Progress  # noqa: E402
 from export.triton_config import Deployment  # noqa: E402
 
 FULL = {
@@ -210,55 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------ progress
-
-
-class Progress:
-    """tqdm on stderr when available, else one rewritten stderr line."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.lock = threading.Lock()
-        self.total, self.done, self.name, self.enabled = total, 0, "", enabled
-        self.bar: Any = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def phase(self, name: str) -> None:
-        self.name = name
-        if self.bar is not None:
-            self.bar.set_description(name)
-        else:
-            self._line()
-
-    def tick(self, n: int = 1) -> None:
-        with self.lock:
-            self.done += n
-            if self.bar is not None:
-                self.bar.update(n)
-            else:
-                self._line()
-
-    def extend(self, n: int) -> None:
-        """A phase is measured again: n more units to go."""
-        with self.lock:
-            self.total += n
-            if self.bar is not None:
-                self.bar.total += n
-                self.bar.refresh()
-
-    def _line(self) -> None:
-        if self.enabled:
-            print(f"\r{self.name}: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -459,9 +410,10 @@ class Run:
                     "GPU present, but this onnxruntime has no CUDA/TensorRT provider "
                     "(pip install onnxruntime-gpu): ONNX Runtime ran on CPU only"
                 )
-            for variant in variants:
-                progress.phase(f"onnxruntime ({variant})")
-                chain = inprocess.OrtChain(repo, specs, variant, cores)
+            chains = [(v, True) for v in variants] + [("cpu", False)]
+            for variant, served in chains:
+                chain = inprocess.OrtChain(repo, specs, variant, cores, served=served)
+                progress.phase(f"{chain.path} ({variant})")
                 for b in self.args.batch_sizes:
                     self.rows += self.measure(
                         lambda b=b, chain=chain, variant=variant: inprocess.ort_path(
@@ -471,6 +423,7 @@ class Run:
                         inprocess.ort_samples(self.cfg["ort_samples"], b),
                         progress,
                     )  # fmt: skip
+                chain.close()
                 del chain
 
     # -------------------------------------------------------------- Triton
@@ -558,7 +511,8 @@ class Run:
         if "research" in self.paths:
             total += self.cfg["research_requests"] * (2 if _want_cuda(self.args) else 1)
         if "onnxruntime" in self.paths:
-            total += sum(
+            chains = len(inprocess.ort_variants(_want_cuda(self.args))) + 1
+            total += chains * sum(
                 inprocess.ort_samples(self.cfg["ort_samples"], b) for b in self.args.batch_sizes
             )
         if "triton" in self.paths:

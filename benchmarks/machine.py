@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 from importlib import metadata
@@ -149,8 +150,8 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
     return int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK
 
 
-def _tree_seconds(roots: set[int]) -> float:
-    """CPU seconds of `roots` and all their descendants (alive now)."""
+def _tree(roots: set[int]) -> dict[int, float]:
+    """pid -> CPU seconds of `roots` and all their descendants (alive now)."""
     stats: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (s := _proc_stat(int(entry.name))) is not None:
@@ -160,29 +161,50 @@ def _tree_seconds(roots: set[int]) -> float:
         more = {pid for pid, (ppid, _) in stats.items() if ppid in tree and pid not in tree}
         tree |= more
         grew = bool(more)
-    return sum(stats[pid][1] for pid in tree)
+    return {pid: stats[pid][1] for pid in tree}
 
 
-class ForeignCpu:
-    """How many cores processes OTHER than this one (and `pids`, with their children) kept busy
-    while the block ran: on a shared machine, the share of the numbers that others took."""
+def _tree_seconds(roots: set[int]) -> float:
+    """CPU seconds of `roots` and all their descendants (alive now)."""
+    return sum(_tree(roots).values())
 
-    def __init__(self, pids: tuple[int, ...] = ()) -> None:
-        self.roots = {os.getpid(), *pids}
-        self.cores: float | None = None
 
-    def __enter__(self) -> ForeignCpu:
-        import time
+def _memory_kib(pid: int) -> tuple[int, int] | None:
+    """(RSS, PSS) in KiB of one process; PSS counts shared pages (Triton's shared-memory regions
+    with its python-backend stubs) once across the processes that map them."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    rss = re.search(r"^Rss:\s+(\d+) kB", text, re.M)
+    pss = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    return (int(rss.group(1)), int(pss.group(1))) if rss and pss else None
 
-        self._t0, self._busy0 = time.monotonic(), _busy_seconds()
-        self._ours0 = _tree_seconds(self.roots)
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        import time
+def _name(pid: int) -> str:
+    """A process's short name: the model of a python-backend stub, else the executable."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    exe = Path(argv[0].decode(errors="replace")).name
+    if exe == "triton_python_backend_stub" and len(argv) > 1:
+        return Path(argv[1].decode(errors="replace")).parent.parent.name  # <model>/1/model.py
+    return exe
 
-        busy, ours = _busy_seconds(), _tree_seconds(self.roots)
-        wall = time.monotonic() - self._t0
-        if busy is not None and self._busy0 is not None and wall > 0:
-            foreign = (busy - self._busy0) - (ours - self._ours0)
-            self.cores = round(max(0.0, foreign) / wall, 2)
+
+def tree_memory(root: int) -> dict[str, dict[str, float]] | None:
+    """Memory of a process and all its descendants (tritonserver and its python-backend stubs),
+    MiB per process name and in total: {"rss": ..., "pss": ...}; None when it is gone."""
+    out: dict[str, dict[str, float]] = {}
+    for pid in sorted(_tree({root})):
+        mem = _memory_kib(pid)
+        if mem is None:
+            continue
+        entry = out.setdefault(_name(pid), {"rss": 0.0, "pss": 0.0})
+        entry["rss"] += mem[0] / 1024
+        entry["pss"] += mem[1] / 1024
+    if not out:
+        return None
+    out["total"] = {k: sum(v[k] for v in out.values()) for k in ("rss", "pss")}
+    return {n: {k: round(v, 1) for k, v in e.items()} for n, e in out.items()}

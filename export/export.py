@@ -17,6 +17,7 @@ Exit status: 0 when every verification passed, 1 when one failed, 2 for bad argu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -27,11 +28,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python export/export.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.preprocess import PreprocessSpec  # noqa: E402
 from export.spec import (  # noqa: E402
     ALL_TASKS,
     DEFAULT_TASKS,
     HEAD_VARIANTS,
     RANDOM_WEIGHTS_NOTE,
+    EncoderConfig,
     build_specs,
 )
 from export.triton_config import BACKENDS, Deployment  # noqa: E402
@@ -154,12 +157,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="instances per encoder/head model (default %(default)s)",
     )
     out.add_argument("--preprocess-instances", type=int, default=2, help="default: %(default)s")
+    lim = p.add_argument_group(
+        "request limits (written to preprocess/1/preprocess.json; editable there before serving)"
+    )
+    defaults = PreprocessSpec()
+    lim.add_argument(
+        "--max-image-bytes",
+        type=int,
+        help=f"largest encoded image accepted (default {defaults.max_image_bytes})",
+    )
+    lim.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help="largest width x height decoded; larger images, decompression bombs "
+        f"included, are refused before decoding (default {defaults.max_image_pixels})",
+    )
+    lim.add_argument(
+        "--max-text-chars",
+        type=int,
+        help="tweet + caption longer than this are cut, not refused (CLIP reads 77 tokens "
+        f"anyway; default {defaults.max_text_chars})",
+    )
     out.add_argument(
         "--configs-only",
         action="store_true",
         help="write configs and python models only (no weights, no ONNX)",
     )
     return p
+
+
+def preprocess_spec_of(args: argparse.Namespace, config: EncoderConfig) -> PreprocessSpec:
+    """The encoder's preprocessing with the request limits given on the command line."""
+    limits = {
+        name: getattr(args, name)
+        for name in ("max_image_bytes", "max_image_pixels", "max_text_chars")
+        if getattr(args, name) is not None
+    }
+    bad = [f"--{n.replace('_', '-')}" for n, v in limits.items() if v <= 0]
+    if bad:
+        raise UsageError(f"{', '.join(bad)} must be positive")
+    return dataclasses.replace(config.preprocess_spec(), **limits)
 
 
 def load_models(args: argparse.Namespace):
@@ -336,11 +373,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.configs_only:
         config = load_encoder_config("hf-clip-vit-base-patch32")
         tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
-        write_repository(args.out, build_specs(config, tasks), dep, config.preprocess_spec())
+        try:
+            pre_spec = preprocess_spec_of(args, config)
+        except UsageError as exc:
+            print(f"export.py: error: {exc}", file=sys.stderr)
+            return 2
+        write_repository(args.out, build_specs(config, tasks), dep, pre_spec)
         print(f"configs written to {args.out} (no model files: run without --configs-only)")
         return 0
     try:
         enc, heads, provenance = load_models(args)
+        preprocess_spec = preprocess_spec_of(args, enc.config)
     except UsageError as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
         return 2
@@ -354,7 +397,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     specs = build_specs(enc.config, tuple(heads))
     head = build_multitask_head(heads, specs.tasks)
-    preprocess_spec = enc.config.preprocess_spec()
     weights = "; ".join(
         [RANDOM_WEIGHTS_NOTE] * enc.random_weights
         + [f"encoders: {enc.description}"]

@@ -20,6 +20,7 @@ instead of clipped, and decoding is bounded by byte and pixel limits.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -65,9 +66,13 @@ class PreprocessSpec:
     )
     caption_separator: str = ""
     apply_exif_orientation: bool = True
+    # Limits of one request (the server refuses the request, naming the limit; text is cut).
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_text_chars: int = 20_000
+    # Pillow decoders allowed to open request bytes. Others (EPS, which runs Ghostscript; PSD,
+    # ICO, ...) are never tried: a request cannot reach a decoder that reads files or runs tools.
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -82,6 +87,8 @@ class PreprocessSpec:
         for key in ("mean", "std"):
             if key in raw:
                 raw[key] = tuple(raw[key])
+        if "image_formats" in raw:
+            raw["image_formats"] = tuple(raw["image_formats"])
         if "clean_patterns" in raw:
             raw["clean_patterns"] = tuple(tuple(p) for p in raw["clean_patterns"])
         return cls(**raw)
@@ -215,8 +222,47 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+_MAGIC = (
+    ("JPEG", b"\xff\xd8\xff"),
+    ("PNG", b"\x89PNG\r\n\x1a\n"),
+    ("GIF", b"GIF8"),
+    ("WEBP", b"RIFF"),
+    ("BMP", b"BM"),
+    ("TIFF", b"II*\x00"),
+    ("TIFF", b"MM\x00*"),
+)
+
+
+def _not_an_image(data: bytes, spec: PreprocessSpec) -> str:
+    """Why `data` was refused as an image, naming what it looks like instead."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    for fmt, magic in _MAGIC:
+        if data.startswith(magic) and (fmt != "WEBP" or data[8:12] == b"WEBP"):
+            if fmt in spec.image_formats:
+                return f"image data is corrupt or truncated (a {fmt} header, then unreadable data)"
+            return f"image format {fmt} is not accepted (accepted: {', '.join(spec.image_formats)})"
+    if head.startswith(b"%PDF"):
+        what = "a PDF document"
+    elif head.startswith(b"%!PS") or head.startswith(b"\xc5\xd0\xd3\xc6"):
+        what = "PostScript/EPS"
+    elif head.startswith(b"<") and b"<svg" in head.lower():
+        what = "SVG (vector graphics)"
+    elif head.startswith(b"<"):
+        what = "HTML/XML text"
+    else:
+        try:  # incremental: a character cut at 4096 bytes is not an error
+            sample = codecs.getincrementaldecoder("utf-8")().decode(data[:4096], final=False)
+            printable = all(c.isprintable() or c in "\t\r\n" for c in sample)
+        except UnicodeDecodeError:
+            printable = False
+        what = "text" if printable else "not a recognised image format"
+    accepted = ", ".join(spec.image_formats)
+    return f"image bytes are {what}, not an image (accepted formats: {accepted})"
+
+
 def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, bounded by the spec's byte and pixel limits."""
+    """Encoded bytes -> RGB PIL image, bounded by the spec's byte and pixel limits and opened only
+    by the decoders of `spec.image_formats`."""
     if len(data) == 0:
         raise PreprocessError("image is empty (0 bytes)")
     if len(data) > spec.max_image_bytes:
@@ -226,7 +272,7 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=list(spec.image_formats))
             width, height = img.size
             if width * height > spec.max_image_pixels:
                 raise PreprocessError(
@@ -241,7 +287,7 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
     except PreprocessError:
         raise
     except UnidentifiedImageError:
-        raise PreprocessError("image bytes are not a supported image format") from None
+        raise PreprocessError(_not_an_image(data, spec)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PreprocessError(f"image rejected as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

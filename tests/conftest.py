@@ -18,9 +18,38 @@ def run_export(*args: str) -> int:
     return main(list(args))
 
 
+TINY_EXPORT_ARGS = ("--random-weights", "--size", "tiny", "--seed", "3")
+TINY_TASKS = ("task1", "task2", "task3")
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A python-flavour repository of the tiny architecture, random weights, tasks 1, 2, 3."""
     out = tmp_path_factory.mktemp("tiny_repo")
-    assert run_export("--random-weights", "--size", "tiny", "--out", str(out), "--seed", "3") == 0
+    assert run_export(*TINY_EXPORT_ARGS, "--out", str(out)) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The very PyTorch modules tiny_repo was exported from, and the preprocessing: a function
+    (image bytes, text, caption) -> {task: probabilities} computed in process."""
+    import numpy as np
+    import torch
+
+    from export.export import build_parser, load_models
+    from export.head import build_multitask_head
+    from export.preprocess import Preprocessor, PreprocessSpec
+
+    args = build_parser().parse_args([*TINY_EXPORT_ARGS, "--out", "unused"])
+    enc, heads, _ = load_models(args)
+    head = build_multitask_head(heads, TINY_TASKS)
+    pre = Preprocessor(PreprocessSpec())
+
+    def run(image: bytes, text: str, caption: str | None = None) -> dict[str, np.ndarray]:
+        pixels, ids = pre([image], [text], [caption])
+        with torch.no_grad():
+            probs = head(enc.image(torch.from_numpy(pixels)), enc.text(torch.from_numpy(ids)))
+        return {t: p[0].numpy() for t, p in zip(TINY_TASKS, probs)}
+
+    return run

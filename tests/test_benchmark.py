@@ -55,6 +55,7 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
         ("research", "inprocess"),
         ("preprocess", "inprocess"),
         ("onnxruntime", "inprocess"),
+        ("onnxruntime-sequential", "inprocess"),
         ("triton", "http"),
         ("triton", "grpc"),
         ("triton_one_task", "grpc"),
@@ -64,7 +65,8 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
             r["concurrency"] for r in rows if (r["path"], r["protocol"]) == ("triton", protocol)
         }
         assert levels == {1, 2, 4, 8, 16, 32}
-    assert {r["batch_size"] for r in rows if r["path"] == "onnxruntime"} == {1, 2, 4, 8, 16}
+    for path in ("onnxruntime", "onnxruntime-sequential"):
+        assert {r["batch_size"] for r in rows if r["path"] == path} == {1, 2, 4, 8, 16}
 
     for row in (r for r in rows if r["path"].startswith("triton")):
         assert set(STEPS) <= set(row["server"])

@@ -13,18 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from deploy.server import EmbeddedServer, free_port
-from export.export import build_parser, load_models
-from export.head import build_multitask_head
-from export.preprocess import Preprocessor, PreprocessSpec
 from export.spec import CAPTION_INPUT, ENSEMBLE, IMAGE_INPUT, LABELS, TEXT_INPUT, probs_name
 from tests.conftest import ROOT
 
 TASKS = ("task1", "task2", "task3")
-EXPORT_ARGS = ["--random-weights", "--size", "tiny", "--seed", "3"]  # as the tiny_repo fixture
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +27,6 @@ def server(tiny_repo: Path):
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     with EmbeddedServer(tiny_repo, timeout=240, **ports) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """The very PyTorch modules the tiny repository was exported from, and the preprocessing."""
-    enc, heads, _ = load_models(build_parser().parse_args([*EXPORT_ARGS, "--out", "unused"]))
-    head = build_multitask_head(heads, TASKS)
-    pre = Preprocessor(PreprocessSpec())
-
-    def run(image: bytes, text: str, caption: str | None = None) -> dict[str, np.ndarray]:
-        pixels, ids = pre([image], [text], [caption])
-        with torch.no_grad():
-            probs = head(enc.image(torch.from_numpy(pixels)), enc.text(torch.from_numpy(ids)))
-        return {t: p[0].numpy() for t, p in zip(TASKS, probs)}
-
-    return run
 
 
 def make_image(seed: int, size: tuple[int, int] = (160, 120), fmt: str = "JPEG") -> bytes:

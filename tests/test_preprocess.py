@@ -189,14 +189,34 @@ def test_animated_gif_uses_first_frame() -> None:
     ("data", "message"),
     [
         (b"", "empty"),
-        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "not a supported image format"),
-        (b"not an image at all", "not a supported image format"),
-        (b"<svg xmlns='http://www.w3.org/2000/svg'></svg>", "not a supported image format"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, r"corrupt or truncated \(a PNG header"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 20, r"corrupt or truncated \(a JPEG header"),
+        (b"not an image at all", "image bytes are text, not an image"),
+        (b"/etc/passwd", "image bytes are text, not an image"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'></svg>", r"are SVG \(vector graphics\)"),
+        (b"<?xml version='1.0'?>\n<svg/>", r"are SVG \(vector graphics\)"),
+        (b"<html><body>hi</body></html>", "are HTML/XML text"),
+        (b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", "are a PDF document"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "are PostScript/EPS"),
+        (bytes(range(256)) * 4, "not a recognised image format"),
     ],
 )
 def test_bad_images_raise_a_specific_error(data: bytes, message: str) -> None:
     with pytest.raises(PreprocessError, match=message):
         preprocess_image(data, SPEC)
+
+
+def test_only_the_allowed_decoders_open_request_bytes() -> None:
+    """A real image in a format outside `image_formats` is refused by name, never decoded."""
+    ico = _encode(Image.new("RGB", (16, 16), (1, 2, 3)), "ICO")
+    with pytest.raises(PreprocessError, match="not a recognised image format"):
+        preprocess_image(ico, SPEC)
+    bmp = _encode(Image.new("RGB", (16, 16), (1, 2, 3)), "BMP")
+    assert preprocess_image(bmp, SPEC).shape == (3, 224, 224)
+    no_bmp = PreprocessSpec(image_formats=("JPEG", "PNG"))
+    with pytest.raises(PreprocessError, match="image format BMP is not accepted"):
+        preprocess_image(bmp, no_bmp)
+    assert PreprocessSpec.from_json(no_bmp.to_json()) == no_bmp
 
 
 def test_truncated_jpeg_and_limits() -> None:
