@@ -13,12 +13,13 @@ and every response carries its request's id; the ensemble's success count grew b
 number of valid requests; the ensemble is ready afterwards; and the server's resident memory
 (tritonserver and its python-backend stubs, PSS: shared memory counted once) grew by at most
 `--max-memory-growth-mib` over the second half of the load (warm-up growth, such as ONNX
-Runtime's arenas reaching the largest batch, happens in the first half; a leak grows in both). Exit 0 when it passes, 1 otherwise; load.json and load.md in --out say what
-was seen, memory per process included.
+Runtime's arenas reaching the largest batch, happens in the first half; a leak grows in both).
+Exit 0 when it passes, 1 otherwise; load.json and load.md in --out say what was seen, memory per
+process included.
 
 The default model is the tiny architecture (the request path is the same at every size; the
 full-size model makes the run 10x longer): `--size base` for ViT-B/32, `--repo` for any exported
-repository, `--url` for a running server (then no RSS).
+repository, `--url` for a running server (then no memory figures).
 """
 
 from __future__ import annotations

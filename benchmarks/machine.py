@@ -208,3 +208,28 @@ def tree_memory(root: int) -> dict[str, dict[str, float]] | None:
         return None
     out["total"] = {k: sum(v[k] for v in out.values()) for k in ("rss", "pss")}
     return {n: {k: round(v, 1) for k, v in e.items()} for n, e in out.items()}
+
+
+class ForeignCpu:
+    """How many cores processes OTHER than this one (and `pids`, with their children) kept busy
+    while the block ran: on a shared machine, the share of the numbers that others took."""
+
+    def __init__(self, pids: tuple[int, ...] = ()) -> None:
+        self.roots = {os.getpid(), *pids}
+        self.cores: float | None = None
+
+    def __enter__(self) -> ForeignCpu:
+        import time
+
+        self._t0, self._busy0 = time.monotonic(), _busy_seconds()
+        self._ours0 = _tree_seconds(self.roots)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import time
+
+        busy, ours = _busy_seconds(), _tree_seconds(self.roots)
+        wall = time.monotonic() - self._t0
+        if busy is not None and self._busy0 is not None and wall > 0:
+            foreign = (busy - self._busy0) - (ours - self._ours0)
+            self.cores = round(max(0.0, foreign) / wall, 2)
