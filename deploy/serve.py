@@ -23,6 +23,9 @@ from types import FrameType  # noqa: E402
 
 from deploy.server import (  # noqa: E402
     DEFAULT_MODEL,
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
     EmbeddedServer,
     RepositoryError,
     ServerStartError,
@@ -50,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model-repository", required=True, type=Path, metavar="DIR")
     parser.add_argument("--address", default="127.0.0.1", help="bind address (127.0.0.1)")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--http-port", type=int, default=HTTP_PORT)
+    parser.add_argument("--grpc-port", type=int, default=GRPC_PORT)
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model to wait for ({DEFAULT_MODEL})"
     )
@@ -61,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-file", type=Path, default=None, help="tritonserver log (default: a temp file)"
+    )
+    parser.add_argument(
+        "--echo-log",
+        action="store_true",
+        help="also copy tritonserver's log to stderr (in a container: what `logs` shows)",
     )
     return parser
 
@@ -94,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model=args.model,
         log_file=args.log_file,
         timeout=args.timeout,
+        echo_log=args.echo_log,
     )
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)

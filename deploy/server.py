@@ -38,6 +38,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -47,18 +48,27 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 __all__ = [
     "DEFAULT_MODEL",
+    "GRPC_PORT",
+    "HTTP_PORT",
+    "LIVE_PATH",
+    "METRICS_PATH",
+    "METRICS_PORT",
+    "POLICY_ARGS",
+    "READY_PATH",
+    "STOP_TIMEOUT",
     "EmbeddedServer",
     "RepositoryError",
     "ServerStartError",
     "TritonNotFoundError",
     "check_repository",
+    "exit_timeout_secs",
     "find_tritonserver",
     "free_port",
     "prepare_backend_dir",
@@ -66,6 +76,24 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "crisis_classifier"
+# The serving contract, declared once. deploy/serve.py and EmbeddedServer use these; the container
+# image, compose file and Kubernetes manifests (deploy/) repeat them; tests check that they agree.
+HTTP_PORT = 8000
+GRPC_PORT = 8001
+METRICS_PORT = 8002
+LIVE_PATH = "/v2/health/live"
+READY_PATH = "/v2/health/ready"
+METRICS_PATH = "/metrics"
+STOP_TIMEOUT = 30.0  # s from SIGTERM to SIGKILL; Triton drains for exit_timeout_secs() of it
+# Serving policy, the same for the embedded server and a stock Triton: no client can load or unload
+# models, ready means every model is ready, a model that fails to load stops the server, and configs
+# are used as written (never completed by the server).
+POLICY_ARGS: tuple[str, ...] = (
+    "--model-control-mode", "none",
+    "--strict-readiness", "true",
+    "--exit-on-error", "true",
+    "--disable-auto-complete-config",
+)  # fmt: skip
 STUB_NAME = "triton_python_backend_stub"
 SUPPORTED_BACKENDS = frozenset({"python"})
 SUPPORTED_PLATFORMS = frozenset({"ensemble"})
@@ -74,6 +102,11 @@ _INSTALL_HINT = "pip install 'nvidia-pytriton>=0.7' (or: pip install '.[server]'
 _LOG_TAIL_LINES = 40
 
 PathLike = str | os.PathLike[str]
+
+
+def exit_timeout_secs(stop_timeout: float = STOP_TIMEOUT) -> int:
+    """Triton's ``--exit-timeout-secs`` (drain of in-flight requests): 5 s inside the deadline."""
+    return max(1, int(stop_timeout) - 5)
 
 
 class TritonNotFoundError(RuntimeError):
@@ -499,6 +532,19 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
 _RUNNING: weakref.WeakSet[EmbeddedServer] = weakref.WeakSet()
 
 
+def _tee(pipe: IO[bytes], log_file: Path) -> None:
+    """tritonserver's output into its log file (read for model errors) and onto our stderr (a
+    container's log), until it closes its end."""
+    out = sys.stderr.buffer
+    with log_file.open("ab") as log:
+        for chunk in iter(lambda: pipe.read1(65536), b""):
+            log.write(chunk)
+            log.flush()
+            with contextlib.suppress(OSError, ValueError):
+                out.write(chunk)
+                out.flush()
+
+
 @atexit.register
 def _stop_all() -> None:
     for server in list(_RUNNING):
@@ -522,6 +568,7 @@ class EmbeddedServer:
             ``--exit-timeout-secs`` (drain of in-flight requests) is set 5 s shorter.
         backend_dir: where to build the backends folder (default: a temporary folder).
         env: extra environment variables for tritonserver and its stubs.
+        echo_log: also copy tritonserver's output to this process's stderr (containers).
     """
 
     def __init__(
@@ -529,18 +576,20 @@ class EmbeddedServer:
         repository: PathLike,
         *,
         address: str = "127.0.0.1",
-        http_port: int = 8000,
-        grpc_port: int = 8001,
-        metrics_port: int = 8002,
+        http_port: int = HTTP_PORT,
+        grpc_port: int = GRPC_PORT,
+        metrics_port: int = METRICS_PORT,
         model: str | None = DEFAULT_MODEL,
         log_file: PathLike | None = None,
         extra_args: Sequence[str] = (),
         timeout: float = 300.0,
-        stop_timeout: float = 30.0,
+        stop_timeout: float = STOP_TIMEOUT,
         backend_dir: PathLike | None = None,
         env: Mapping[str, str] | None = None,
+        echo_log: bool = False,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.echo_log = echo_log
         self.address = address
         self.http_port = int(http_port)
         self.grpc_port = int(grpc_port)
@@ -614,12 +663,9 @@ class EmbeddedServer:
             "--http-port", str(self.http_port),
             "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port),
-            "--model-control-mode", "none",
-            "--strict-readiness", "true",
-            "--exit-on-error", "true",
-            "--disable-auto-complete-config",
+            *POLICY_ARGS,
             "--log-verbose", "0",
-            "--exit-timeout-secs", str(max(1, int(self.stop_timeout) - 5)),
+            "--exit-timeout-secs", str(exit_timeout_secs(self.stop_timeout)),
         ]  # fmt: skip
         flags = _supported_flags(binary)
         if "--metrics-address" in flags:
@@ -680,11 +726,16 @@ class EmbeddedServer:
             self._proc = subprocess.Popen(
                 self._command,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=subprocess.PIPE if self.echo_log else log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # own process group: Ctrl-C goes to us, we stop it
             )
+        if self.echo_log:
+            assert self._proc.stdout is not None
+            threading.Thread(
+                target=_tee, args=(self._proc.stdout, self._log_file), daemon=True
+            ).start()
         self._launched_at = time.monotonic()
         _RUNNING.add(self)
 
@@ -714,7 +765,7 @@ class EmbeddedServer:
         return f"http://{self.url_http}{path}"
 
     def _is_ready(self) -> bool:
-        answer = _http("GET", self._url("/v2/health/ready"))
+        answer = _http("GET", self._url(READY_PATH))
         if answer is None or answer[0] != 200:
             return False
         if self.model is None:
@@ -757,7 +808,7 @@ class EmbeddedServer:
                     self._ready_seconds = time.monotonic() - self._launched_at
                     return
                 continue
-            live = _http("GET", self._url("/v2/health/live"))
+            live = _http("GET", self._url(LIVE_PATH))
             if live is not None and live[0] == 200:
                 # With model control "none" the endpoints open once every load has ended:
                 # a model that is not ready now has failed (--exit-on-error false).

@@ -179,6 +179,37 @@ def test_no_client_can_load_or_unload_models(server) -> None:
     assert "evil" not in index and ENSEMBLE in index
 
 
+def test_no_client_can_point_the_server_at_a_file(server, tmp_path: Path) -> None:
+    """Triton's logging and trace APIs refuse a file location from the network (2.51 does), and a
+    shared-memory region must already exist under /dev/shm: no request writes or reads a path."""
+    import urllib.error
+    import urllib.request
+
+    def post(path: str, body: dict) -> tuple[int, str]:
+        request = urllib.request.Request(
+            f"http://{server.url_http}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    target = tmp_path / "written_by_triton"
+    code, text = post("/v2/logging", {"log_file": str(target)})
+    assert code >= 400 and "can not be updated" in text
+    trace = {"trace_file": str(target), "trace_level": ["TIMESTAMPS"]}
+    code, text = post("/v2/trace/setting", trace)
+    assert code >= 400 and "can not be updated" in text
+    code, text = post(
+        "/v2/systemsharedmemory/region/r/register",
+        {"key": "/../../etc/passwd", "offset": 0, "byte_size": 16},
+    )
+    assert code >= 400 and "Unable to open shared memory region" in text
+    assert not target.exists()
+    assert_ready(server.url_http)
+
+
 def test_paths_in_requests_are_data(server, reference) -> None:
     """Text that looks like a path or URL is classified as text; bytes that name a file are
     refused as not an image: nothing in a request makes the server open a file."""

