@@ -412,7 +412,12 @@ class Run:
                 )
             chains = [(v, True) for v in variants] + [("cpu", False)]
             for variant, served in chains:
-                chain = inprocess.OrtChain(repo, specs, variant, cores, served=served)
+                # As the python flavour's onnx_model.py sets it: the config's intra-op threads,
+                # else usable cores / instances.
+                threads = deployed.dep.intra_op_threads or max(
+                    1, cores // deployed.dep.compute_instances
+                )
+                chain = inprocess.OrtChain(repo, specs, variant, threads, served=served)
                 progress.phase(f"{chain.path} ({variant})")
                 for b in self.args.batch_sizes:
                     self.rows += self.measure(

@@ -84,6 +84,13 @@ def png(seed: int, size: tuple[int, int] = (200, 150)) -> bytes:
     return buf.getvalue()
 
 
+def ico() -> bytes:
+    """A real image in a format Pillow reads but `image_formats` does not allow (ICO)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "ICO")
+    return buf.getvalue()
+
+
 def black_bmp(size: tuple[int, int] = (64, 48)) -> bytes:
     """An image file that ends in zero bytes: they must reach the server intact."""
     buf = io.BytesIO()
@@ -143,7 +150,7 @@ def invalid_cases(spec: PreprocessSpec, seed: int = 0) -> list[Case]:
         Case("empty_image", b"", text, error="image is empty"),
         Case(
             "random_bytes",
-            np.random.default_rng(seed).bytes(4096),
+            b"\x00" + np.random.default_rng(seed).bytes(4095),
             text,
             error="not a recognised image format",
         ),  # fmt: skip
@@ -167,6 +174,9 @@ def invalid_cases(spec: PreprocessSpec, seed: int = 0) -> list[Case]:
             text,
             error="PDF document",
         ),  # fmt: skip
+        Case("postscript", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\nshowpage\n", text,
+             error="PostScript/EPS"),  # fmt: skip
+        Case("format_not_allowed", ico(), text, error="not a recognised image format"),
         Case("text_as_image", b"/etc/passwd", text, error="image bytes are text"),
         Case("bad_utf8_text", good, b"caf\xe9 \xff", error="text is not valid UTF-8"),
         Case("bad_utf8_caption", good, text, b"\xc3\x28", error="caption is not valid UTF-8"),

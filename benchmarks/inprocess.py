@@ -142,8 +142,9 @@ class OrtChain:
 
     `served=True` runs them as the python flavour serves them: intra-op threads = `threads`
     (the deployment's cores / instances), thread spinning off, and the two encoders at the same
-    time (the ensemble runs them in parallel). `served=False` is ONNX Runtime's defaults
-    (spinning on) with the encoders one after the other: the plain in-process script."""
+    time (the ensemble runs them in parallel). `served=False` keeps ONNX Runtime's default
+    thread spinning and runs the encoders one after the other (same thread count): the plain
+    in-process script."""
 
     def __init__(
         self, repo: Path, specs: ModelSpecs, variant: str, threads: int, served: bool = True
@@ -220,7 +221,7 @@ def ort_path(
         "threads": chain.threads,
         "threading": "as served: encoders in parallel, no spinning"
         if chain.served
-        else "ORT defaults: encoders in sequence, spinning",
+        else "ORT's default spinning, encoders in sequence",
     }
     rows: list[Row] = []
     for b in batch_sizes:

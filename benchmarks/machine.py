@@ -141,13 +141,14 @@ def _busy_seconds() -> float | None:
 
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds) of a process, None if it is gone."""
+    """(parent pid, CPU seconds of it and its reaped children) of a process, None if gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     rest = text[text.rfind(")") + 2 :].split()
-    return int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK
+    # utime + stime + cutime + cstime: children it has reaped stay counted as its own.
+    return int(rest[1]), sum(int(x) for x in rest[11:15]) / _TICK
 
 
 def _tree(roots: set[int]) -> dict[int, float]:

@@ -23,8 +23,8 @@ INCLUDES = {
     "onnxruntime": "ONNX Runtime, model only (tensors pre-made), threaded as the python flavour "
     "serves it: the two encoders in parallel, no thread spinning",
     "onnxruntime+preprocess": "as onnxruntime, preprocessing + model, from encoded bytes",
-    "onnxruntime-sequential": "ONNX Runtime, model only, its default threading (spinning), "
-    "the encoders one after the other",
+    "onnxruntime-sequential": "ONNX Runtime, model only, its default thread spinning, the "
+    "encoders one after the other (same thread count)",
     "onnxruntime-sequential+preprocess": "as onnxruntime-sequential, preprocessing + model",
     "triton": "end to end from encoded bytes: client, network, preprocess, encoders, head",
     "triton_one_task": "as triton, repository serving task1 only",

@@ -534,15 +534,26 @@ _RUNNING: weakref.WeakSet[EmbeddedServer] = weakref.WeakSet()
 
 def _tee(pipe: IO[bytes], log_file: Path) -> None:
     """tritonserver's output into its log file (read for model errors) and onto our stderr (a
-    container's log), until it closes its end."""
-    out = sys.stderr.buffer
-    with log_file.open("ab") as log:
+    container's log), until it closes its end. Reads to the end whatever a write does, so the
+    server never blocks on a full pipe."""
+    try:
+        log: IO[bytes] | None = log_file.open("ab")
+    except OSError:
+        log = None
+    try:
         for chunk in iter(lambda: pipe.read1(65536), b""):
-            log.write(chunk)
-            log.flush()
-            with contextlib.suppress(OSError, ValueError):
-                out.write(chunk)
-                out.flush()
+            if log is not None:
+                try:
+                    log.write(chunk)
+                    log.flush()
+                except OSError:
+                    log = None
+            with contextlib.suppress(OSError):
+                os.write(2, chunk)
+    finally:
+        if log is not None:
+            log.close()
+        pipe.close()
 
 
 @atexit.register
@@ -609,6 +620,7 @@ class EmbeddedServer:
         self._launched_at: float | None = None
         self._ready_seconds: float | None = None
         self.returncode: int | None = None
+        self._tee_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -733,9 +745,10 @@ class EmbeddedServer:
             )
         if self.echo_log:
             assert self._proc.stdout is not None
-            threading.Thread(
+            self._tee_thread = threading.Thread(
                 target=_tee, args=(self._proc.stdout, self._log_file), daemon=True
-            ).start()
+            )
+            self._tee_thread.start()
         self._launched_at = time.monotonic()
         _RUNNING.add(self)
 
@@ -831,6 +844,7 @@ class EmbeddedServer:
         model_errors: Mapping[str, str] | None = None,
         returncode: int | None = None,
     ) -> ServerStartError:
+        self._join_tee()  # every line the server wrote is in the log before it is read
         from_log, others = _log_errors(self._read_log())
         errors = dict(from_log)  # the log has the richer text (ensembles: the cause)
         for name, error in (model_errors or {}).items():
@@ -843,6 +857,11 @@ class EmbeddedServer:
             log_tail=self.log_tail(),
             returncode=returncode,
         )
+
+    def _join_tee(self, timeout: float = 5.0) -> None:
+        """With echo_log, wait (briefly) for the copy of an exited server's last output."""
+        if self._tee_thread is not None and (self._proc is None or self._proc.poll() is not None):
+            self._tee_thread.join(timeout)
 
     # ------------------------------------------------------------------ stop
     def stop(self, grace: float | None = None, *, keep_log: bool = False) -> int | None:
@@ -867,6 +886,7 @@ class EmbeddedServer:
         # Python stubs left behind by a killed server share its process group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        self._join_tee()
         self.returncode = proc.returncode
         self._proc = None
         _RUNNING.discard(self)

@@ -193,10 +193,10 @@ def preprocess_spec_of(args: argparse.Namespace, config: EncoderConfig) -> Prepr
         for name in ("max_image_bytes", "max_image_pixels", "max_text_chars")
         if getattr(args, name) is not None
     }
-    bad = [f"--{n.replace('_', '-')}" for n, v in limits.items() if v <= 0]
-    if bad:
-        raise UsageError(f"{', '.join(bad)} must be positive")
-    return dataclasses.replace(config.preprocess_spec(), **limits)
+    try:
+        return dataclasses.replace(config.preprocess_spec(), **limits)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("max_", "--max-").replace("_", "-")) from None
 
 
 def load_models(args: argparse.Namespace):
@@ -382,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configs written to {args.out} (no model files: run without --configs-only)")
         return 0
     try:
+        preprocess_spec_of(args, load_encoder_config("hf-clip-tiny"))  # limits: fail fast
         enc, heads, provenance = load_models(args)
         preprocess_spec = preprocess_spec_of(args, enc.config)
     except UsageError as exc:
@@ -426,7 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(report.lines()))
         reports.append(report)
     passed = all(r.passed for r in reports)
-    e2e = _end_to_end_check(specs, enc, head, preprocess_spec, files) if passed else None
+    # The check's own test image is not a request: it runs under the default limits.
+    check_spec = dataclasses.replace(
+        preprocess_spec,
+        **{k: getattr(PreprocessSpec(), k) for k in ("max_image_bytes", "max_image_pixels")},
+    )
+    e2e = _end_to_end_check(specs, enc, head, check_spec, files) if passed else None
     if e2e:
         print(f"end to end (preprocess -> ONNX vs PyTorch): {e2e}")
     import onnx

@@ -207,7 +207,8 @@ def test_bad_images_raise_a_specific_error(data: bytes, message: str) -> None:
 
 
 def test_only_the_allowed_decoders_open_request_bytes() -> None:
-    """A real image in a format outside `image_formats` is refused by name, never decoded."""
+    """A real image in a format outside `image_formats` is never decoded (ICO: not recognised);
+    one Pillow knows but the spec leaves out is refused by name."""
     ico = _encode(Image.new("RGB", (16, 16), (1, 2, 3)), "ICO")
     with pytest.raises(PreprocessError, match="not a recognised image format"):
         preprocess_image(ico, SPEC)

@@ -5,6 +5,7 @@ restart; the load script's quick variant."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from benchmarks.cases import Case, all_cases, invalid_cases, jpeg, valid_cases
 from client.classify import journal_path
@@ -127,14 +129,20 @@ def test_megabyte_text_is_cut_not_refused(server, reference) -> None:
 # ------------------------------------------------------------------------------------ limits
 
 
-def test_limits_set_at_export_are_served(tmp_path: Path) -> None:
+def test_limits_set_at_export_are_written_and_checked(tmp_path: Path) -> None:
+    """A full export with limits smaller than its own verification image still verifies (the
+    check runs under the default limits) and writes them; bad values fail fast with exit 2."""
     repo = tmp_path / "repo"
-    assert run_export("--configs-only", "--max-image-bytes", "5000",
-                      "--max-image-pixels", "4096", "--max-text-chars", "50",
-                      "--out", str(repo)) == 0  # fmt: skip
+    assert run_export("--random-weights", "--size", "tiny", "--tasks", "task1",
+                      "--max-image-bytes", "5000", "--max-image-pixels", "4096",
+                      "--max-text-chars", "50", "--out", str(repo)) == 0  # fmt: skip
     spec = PreprocessSpec.from_json((repo / PREPROCESS / "1" / "preprocess.json").read_text())
     assert (spec.max_image_bytes, spec.max_image_pixels, spec.max_text_chars) == (5000, 4096, 50)
-    assert run_export("--configs-only", "--max-image-bytes", "0", "--out", str(repo)) == 2
+    assert json.loads((repo / "export_report.json").read_text())["passed"]
+    for bad in (["--max-image-bytes", "0"], ["--max-image-pixels", "100000000"]):
+        assert run_export("--configs-only", *bad, "--out", str(tmp_path / "x")) == 2
+        assert run_export("--random-weights", "--size", "tiny", *bad, "--out",
+                          str(tmp_path / "y")) == 2  # fmt: skip
 
 
 def test_limits_edited_in_preprocess_json_are_served(tiny_repo: Path, tmp_path: Path) -> None:
@@ -153,11 +161,12 @@ def test_limits_edited_in_preprocess_json_are_served(tiny_repo: Path, tmp_path: 
         assert f"{len(big)} bytes, over the limit of 3000 bytes" in send(
             "http", srv.url_http, Case("big", big, b"x")
         )
-        wide = jpeg(3, (80, 60))
-        if len(wide) < 3000:
-            assert "80x60 pixels, over the limit of 4096 pixels" in send(
-                "http", srv.url_http, Case("wide", wide, b"x")
-            )
+        buf = io.BytesIO()
+        Image.new("RGB", (80, 60), (9, 9, 9)).save(buf, "PNG")  # small file, 4,800 pixels
+        assert len(buf.getvalue()) < 3000
+        assert "80x60 pixels, over the limit of 4096 pixels" in send(
+            "http", srv.url_http, Case("wide", buf.getvalue(), b"x")
+        )
 
 
 # ---------------------------------------------------------------------------------- security
@@ -297,7 +306,7 @@ def test_load_script_quick(tiny_repo: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "load.json").read_text())
-    assert report["passed"] and report["lost"] == 0 and report["answered_twice"] == 0
+    assert report["passed"] and report["lost"] == 0 and report["wrong_response_id"] == 0
     assert report["requests"] == 400 and report["invalid_requests"] > 0
     assert set(report["protocols"]) == {"http", "grpc"}
     assert report["ensemble_success_delta"] == report["valid_requests"]

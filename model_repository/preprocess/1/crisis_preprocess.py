@@ -75,6 +75,28 @@ class PreprocessSpec:
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
     extra: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Checked when made, so a hand-edited preprocess.json stops the model from loading with
+        a clear message instead of failing every request."""
+        for name in ("max_image_bytes", "max_image_pixels", "max_text_chars"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        if Image.MAX_IMAGE_PIXELS and self.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"max_image_pixels {self.max_image_pixels} is over Pillow's decompression-bomb "
+                f"limit ({Image.MAX_IMAGE_PIXELS} pixels), which refuses such images first"
+            )
+        if isinstance(self.image_formats, str) or not self.image_formats:
+            raise ValueError(f"image_formats must be a list of Pillow format names, not "
+                             f"{self.image_formats!r}")  # fmt: skip
+        formats = tuple(str(f).upper() for f in self.image_formats)
+        Image.init()
+        unknown = [f for f in formats if f not in Image.OPEN]
+        if unknown:
+            known = ", ".join(sorted(Image.OPEN))
+            raise ValueError(f"image_formats: Pillow cannot open {unknown}; it knows {known}")
+        object.__setattr__(self, "image_formats", formats)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
@@ -233,6 +255,15 @@ _MAGIC = (
 )
 
 
+def _printable(data: bytes) -> bool:
+    """Whether the first 4 KiB read as UTF-8 text (a character cut at the end is not an error)."""
+    try:
+        sample = codecs.getincrementaldecoder("utf-8")().decode(data[:4096], final=False)
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\t\r\n" for c in sample)
+
+
 def _not_an_image(data: bytes, spec: PreprocessSpec) -> str:
     """Why `data` was refused as an image, naming what it looks like instead."""
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -245,17 +276,14 @@ def _not_an_image(data: bytes, spec: PreprocessSpec) -> str:
         what = "a PDF document"
     elif head.startswith(b"%!PS") or head.startswith(b"\xc5\xd0\xd3\xc6"):
         what = "PostScript/EPS"
+    elif not _printable(data):
+        what = "not a recognised image format"
     elif head.startswith(b"<") and b"<svg" in head.lower():
         what = "SVG (vector graphics)"
     elif head.startswith(b"<"):
         what = "HTML/XML text"
     else:
-        try:  # incremental: a character cut at 4096 bytes is not an error
-            sample = codecs.getincrementaldecoder("utf-8")().decode(data[:4096], final=False)
-            printable = all(c.isprintable() or c in "\t\r\n" for c in sample)
-        except UnicodeDecodeError:
-            printable = False
-        what = "text" if printable else "not a recognised image format"
+        what = "text"
     accepted = ", ".join(spec.image_formats)
     return f"image bytes are {what}, not an image (accepted formats: {accepted})"
 
