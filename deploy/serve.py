@@ -31,6 +31,7 @@ from deploy.server import (  # noqa: E402
     ServerStartError,
     TritonNotFoundError,
     check_repository,
+    shm_warning,
 )
 
 PROG = "serve.py"
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=args.timeout,
         echo_log=args.echo_log,
     )
+    if (warning := shm_warning()) is not None:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:

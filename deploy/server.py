@@ -69,6 +69,7 @@ __all__ = [
     "TritonNotFoundError",
     "check_repository",
     "exit_timeout_secs",
+    "shm_warning",
     "find_tritonserver",
     "free_port",
     "prepare_backend_dir",
@@ -102,6 +103,28 @@ _INSTALL_HINT = "pip install 'nvidia-pytriton>=0.7' (or: pip install '.[server]'
 _LOG_TAIL_LINES = 40
 
 PathLike = str | os.PathLike[str]
+
+
+SHM_DIR = Path("/dev/shm")
+MIN_SHM_BYTES = 256 * 1024 * 1024
+
+
+def shm_warning(min_bytes: int = MIN_SHM_BYTES, shm_dir: Path = SHM_DIR) -> str | None:
+    """A warning when /dev/shm is small. The python backend copies every request into shared-memory
+    pools that grow with the largest request and never shrink; Triton has no request-size limit,
+    so where /dev/shm is small (64 MiB in a default container) one oversized request can leave
+    no room for the others, which then fail until the server restarts."""
+    try:
+        total = shutil.disk_usage(shm_dir).total
+    except OSError:
+        return None
+    if total >= min_bytes:
+        return None
+    return (
+        f"{shm_dir} holds only {total // 2**20} MiB: the python backend's shared-memory pools may "
+        f"run out under large requests; give it at least {min_bytes // 2**20} MiB (docker/podman "
+        "--shm-size, compose shm_size, a Memory emptyDir in Kubernetes)"
+    )
 
 
 def exit_timeout_secs(stop_timeout: float = STOP_TIMEOUT) -> int:

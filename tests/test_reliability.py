@@ -78,10 +78,16 @@ def assert_ready(url_http: str) -> None:
 # ------------------------------------------------------------------------- bad input, batched
 
 
-def test_every_bad_request_fails_alone_inside_busy_dynamic_batches(server, reference) -> None:
+def served_spec(repo: Path) -> PreprocessSpec:
+    return PreprocessSpec.from_json((repo / PREPROCESS / "1" / "preprocess.json").read_text())
+
+
+def test_every_bad_request_fails_alone_inside_busy_dynamic_batches(
+    server, reference, tiny_repo: Path
+) -> None:
     """All cases at once, 4 times each, over both protocols, 24 in flight: each valid case equals
     the in-process reference, each invalid one gets its own error naming the problem."""
-    cases = all_cases(PreprocessSpec())
+    cases = all_cases(served_spec(tiny_repo))
     jobs = [(p, c) for c in cases for p in ("http", "grpc") for _ in range(2)]
     before = batch_sizes(server.url_http, PREPROCESS)
     urls = {"http": server.url_http, "grpc": server.url_grpc}
@@ -104,14 +110,16 @@ def test_every_bad_request_fails_alone_inside_busy_dynamic_batches(server, refer
     assert_ready(server.url_http)
 
 
-def test_messages_name_the_problem(server) -> None:
-    """Spot checks of wording a user reads: the limit, the format, the row."""
-    spec = PreprocessSpec()
+def test_messages_name_the_problem(server, tiny_repo: Path) -> None:
+    """Spot checks of wording a user reads: the limits, the format."""
+    spec = served_spec(tiny_repo)
     by_name = {c.name: c for c in invalid_cases(spec)}
     over = send("http", server.url_http, by_name["over_pixel_limit"])
     assert f"over the limit of {spec.max_image_pixels} pixels" in over
     svg = send("grpc", server.url_grpc, by_name["svg"])
     assert "SVG (vector graphics), not an image" in svg and "accepted formats: JPEG" in svg
+    big = send("grpc", server.url_grpc, by_name["over_byte_limit"])
+    assert f"over the limit of {spec.max_image_bytes} bytes" in big
     utf8 = send("http", server.url_http, by_name["bad_utf8_text"])
     assert "text is not valid UTF-8 (byte 3)" in utf8
 

@@ -402,3 +402,16 @@ def test_serve_cli_refuses_repository_with_exit_2(tmp_path: Path) -> None:
     assert out == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert "model 'echo'" in err and "onnxruntime_onnx" in err
+
+
+def test_shm_warning_names_the_size_and_the_fix(tmp_path: Path, monkeypatch) -> None:
+    from collections import namedtuple
+
+    import deploy.server as server_module
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(server_module.shutil, "disk_usage", lambda _: usage(64 * 2**20, 0, 0))
+    warning = server_module.shm_warning()
+    assert warning is not None and "only 64 MiB" in warning and "--shm-size" in warning
+    monkeypatch.setattr(server_module.shutil, "disk_usage", lambda _: usage(2**30, 0, 0))
+    assert server_module.shm_warning() is None
