@@ -22,7 +22,7 @@ from PIL import Image
 
 from benchmarks.cases import Case, all_cases, invalid_cases, jpeg, valid_cases
 from client.classify import journal_path
-from deploy.server import EmbeddedServer, free_port
+from deploy.server import EmbeddedServer, free_port, shm_warning
 from export.preprocess import PreprocessSpec
 from export.spec import ENSEMBLE, PREPROCESS, probs_name
 from tests.conftest import ROOT, TINY_TASKS, run_export
@@ -303,6 +303,11 @@ def test_batch_run_survives_a_server_crash_and_restart(tiny_repo: Path, tmp_path
 # -------------------------------------------------------------------------------------- load
 
 
+@pytest.mark.skipif(
+    shm_warning() is not None,
+    reason=f"{shm_warning()} (a full dynamic batch of 32 posts alone is ~19 MiB of pixels in each "
+    "of two pools: the python flavour needs a larger /dev/shm than a default container's)",
+)
 def test_load_script_quick(tiny_repo: Path, tmp_path: Path) -> None:
     """benchmarks/load.py --quick: mixed valid and invalid requests at concurrency 32 over HTTP
     and gRPC, every answer checked. Its memory limit is loose here: 400 requests are mostly the

@@ -388,7 +388,9 @@ def test_serve_cli_start_failure_is_one_message(tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert out == "" and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if not line.startswith("serve.py: warning:")]
+    assert len(errors) == 1, err  # warnings (a small /dev/shm) aside
     assert "model 'echo' failed to load" in err and "tokenizer.json is missing (test)" in err
     assert str(log) in err
 
