@@ -49,7 +49,8 @@ from benchmarks import loadgen, machine, repos  # noqa: E402
 from benchmarks.cases import Case, all_cases, schedule  # noqa: E402
 from benchmarks.progress import Progress  # noqa: E402
 from export.preprocess import PreprocessSpec  # noqa: E402
-from export.spec import DEFAULT_TASKS, ENSEMBLE, PREPROCESS  # noqa: E402
+from export.repository import read_preprocess_spec  # noqa: E402
+from export.spec import DEFAULT_TASKS, ENSEMBLE  # noqa: E402
 from export.triton_config import Deployment  # noqa: E402
 
 ATOL = 1e-6
@@ -156,7 +157,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _spec_of(repo: Path | None) -> PreprocessSpec:
     if repo is None:
         return PreprocessSpec()
-    return PreprocessSpec.from_json((repo / PREPROCESS / "1" / "preprocess.json").read_text())
+    return read_preprocess_spec(repo)
 
 
 def _alone(

@@ -34,7 +34,6 @@ from export.spec import (  # noqa: E402
     DEFAULT_TASKS,
     HEAD_VARIANTS,
     RANDOM_WEIGHTS_NOTE,
-    EncoderConfig,
     build_specs,
 )
 from export.triton_config import BACKENDS, Deployment  # noqa: E402
@@ -186,15 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def preprocess_spec_of(args: argparse.Namespace, config: EncoderConfig) -> PreprocessSpec:
-    """The encoder's preprocessing with the request limits given on the command line."""
+def preprocess_spec_of(args: argparse.Namespace, base: PreprocessSpec) -> PreprocessSpec:
+    """`base` (an encoder's preprocessing) with the request limits given on the command line."""
     limits = {
         name: getattr(args, name)
         for name in ("max_image_bytes", "max_image_pixels", "max_text_chars")
         if getattr(args, name) is not None
     }
     try:
-        return dataclasses.replace(config.preprocess_spec(), **limits)
+        return dataclasses.replace(base, **limits)
     except ValueError as exc:
         raise UsageError(str(exc).replace("max_", "--max-").replace("_", "-")) from None
 
@@ -374,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_encoder_config("hf-clip-vit-base-patch32")
         tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
         try:
-            pre_spec = preprocess_spec_of(args, config)
+            pre_spec = preprocess_spec_of(args, config.preprocess_spec())
         except UsageError as exc:
             print(f"export.py: error: {exc}", file=sys.stderr)
             return 2
@@ -382,9 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configs written to {args.out} (no model files: run without --configs-only)")
         return 0
     try:
-        preprocess_spec_of(args, load_encoder_config("hf-clip-tiny"))  # limits: fail fast
+        preprocess_spec_of(args, PreprocessSpec())  # bad limits fail before the slow model load
         enc, heads, provenance = load_models(args)
-        preprocess_spec = preprocess_spec_of(args, enc.config)
+        preprocess_spec = preprocess_spec_of(args, enc.config.preprocess_spec())
     except UsageError as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
         return 2

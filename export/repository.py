@@ -18,7 +18,7 @@ from pathlib import Path
 
 from export import preprocess as preprocess_module
 from export.preprocess import DEFAULT_ASSETS, PreprocessSpec
-from export.spec import LABELS, ModelSpecs, label_file
+from export.spec import LABELS, PREPROCESS, ModelSpecs, label_file
 from export.triton_config import (
     FLAVOURS,
     Deployment,
@@ -29,6 +29,7 @@ from export.triton_config import (
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 PREPROCESS_MODULE = "crisis_preprocess.py"
+PREPROCESS_JSON = "preprocess.json"
 VERSION = "1"
 # Packages the python-backend models import (a stock Triton container has numpy already).
 REQUIREMENTS = {
@@ -39,6 +40,15 @@ REQUIREMENTS = {
 
 def model_dir(repo: Path, name: str) -> Path:
     return repo / name / VERSION
+
+
+def preprocess_json(repo: Path) -> Path:
+    """The preprocessing parameters (request limits included) of a written repository."""
+    return model_dir(repo, PREPROCESS) / PREPROCESS_JSON
+
+
+def read_preprocess_spec(repo: Path) -> PreprocessSpec:
+    return PreprocessSpec.from_json(preprocess_json(repo).read_text())
 
 
 def write_configs(
@@ -76,7 +86,7 @@ def write_repository(
     pre.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TEMPLATES / "preprocess_model.py", pre / "model.py")
     shutil.copyfile(preprocess_module.__file__, pre / PREPROCESS_MODULE)
-    (pre / "preprocess.json").write_text(preprocess_spec.to_json())
+    (pre / PREPROCESS_JSON).write_text(preprocess_spec.to_json())
     shutil.copyfile(DEFAULT_ASSETS / preprocess_spec.vocab_file, pre / preprocess_spec.vocab_file)
     # Compute models.
     for graph in specs.onnx_graphs:

@@ -36,7 +36,7 @@ def _ca_bundle() -> str | None:
         [sys.executable, "-m", "pip", "config", "get", "global.cert"],
         capture_output=True, text=True,
     )  # fmt: skip
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def ignored() -> dict[str, str]:

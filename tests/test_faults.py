@@ -21,7 +21,7 @@ from PIL import Image
 from benchmarks.cases import Case, jpeg
 from client.classify import journal_path
 from deploy.server import EmbeddedServer, shm_warning
-from export.spec import PREPROCESS
+from export.repository import preprocess_json
 from tests.conftest import ROOT
 from tests.test_reliability import ports, send
 
@@ -30,7 +30,7 @@ def test_limits_edited_in_preprocess_json_are_served(tiny_repo: Path, tmp_path: 
     """Ops edit preprocess.json in a deployed repository; the server refuses by the new limits."""
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
-    path = repo / PREPROCESS / "1" / "preprocess.json"
+    path = preprocess_json(repo)
     raw = json.loads(path.read_text())
     raw.update(max_image_bytes=3000, max_image_pixels=64 * 64)
     path.write_text(json.dumps(raw))

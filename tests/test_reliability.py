@@ -15,6 +15,7 @@ import pytest
 from benchmarks.cases import Case, all_cases, invalid_cases, jpeg, valid_cases
 from deploy.server import EmbeddedServer, free_port
 from export.preprocess import PreprocessSpec
+from export.repository import read_preprocess_spec
 from export.spec import ENSEMBLE, PREPROCESS, probs_name
 from tests.conftest import TINY_TASKS, run_export
 
@@ -69,16 +70,12 @@ def assert_ready(url_http: str) -> None:
 # ------------------------------------------------------------------------- bad input, batched
 
 
-def served_spec(repo: Path) -> PreprocessSpec:
-    return PreprocessSpec.from_json((repo / PREPROCESS / "1" / "preprocess.json").read_text())
-
-
 def test_every_bad_request_fails_alone_inside_busy_dynamic_batches(
     server, reference, tiny_repo: Path
 ) -> None:
     """All cases at once, 4 times each, over both protocols, 24 in flight: each valid case equals
     the in-process reference, each invalid one gets its own error naming the problem."""
-    cases = all_cases(served_spec(tiny_repo))
+    cases = all_cases(read_preprocess_spec(tiny_repo))
     jobs = [(p, c) for c in cases for p in ("http", "grpc") for _ in range(2)]
     before = batch_sizes(server.url_http, PREPROCESS)
     urls = {"http": server.url_http, "grpc": server.url_grpc}
@@ -103,7 +100,7 @@ def test_every_bad_request_fails_alone_inside_busy_dynamic_batches(
 
 def test_messages_name_the_problem(server, tiny_repo: Path) -> None:
     """Spot checks of wording a user reads: the limits, the format."""
-    spec = served_spec(tiny_repo)
+    spec = read_preprocess_spec(tiny_repo)
     by_name = {c.name: c for c in invalid_cases(spec)}
     over = send("http", server.url_http, by_name["over_pixel_limit"])
     assert f"over the limit of {spec.max_image_pixels} pixels" in over
@@ -135,7 +132,7 @@ def test_limits_set_at_export_are_written_and_checked(tmp_path: Path) -> None:
     assert run_export("--random-weights", "--size", "tiny", "--tasks", "task1",
                       "--max-image-bytes", "5000", "--max-image-pixels", "4096",
                       "--max-text-chars", "50", "--out", str(repo)) == 0  # fmt: skip
-    spec = PreprocessSpec.from_json((repo / PREPROCESS / "1" / "preprocess.json").read_text())
+    spec = read_preprocess_spec(repo)
     assert (spec.max_image_bytes, spec.max_image_pixels, spec.max_text_chars) == (5000, 4096, 50)
     assert json.loads((repo / "export_report.json").read_text())["passed"]
     for bad in (["--max-image-bytes", "0"], ["--max-image-pixels", "100000000"]):
