@@ -36,7 +36,7 @@ from export.spec import (  # noqa: E402
     RANDOM_WEIGHTS_NOTE,
     build_specs,
 )
-from export.triton_config import BACKENDS, Deployment  # noqa: E402
+from export.triton_config import BACKENDS, ONNX_FILE, Deployment  # noqa: E402
 
 RANDOM_BANNER = (
     "!" * 78 + "\n"
@@ -142,12 +142,40 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded server), onnxruntime (stock Triton container), tensorrt "
         "(engines built on a GPU). Default: %(default)s",
     )
+    out.add_argument(
+        "--engine-precision",
+        choices=("fp16", "fp32"),
+        default="fp16",
+        help="tensorrt flavour: precision of the engines built from the FP32 ONNX files "
+        "(export/build_engines.py --precision). Default: %(default)s",
+    )
     out.add_argument("--max-batch-size", type=int, default=32, help="default: %(default)s")
     out.add_argument(
         "--max-queue-delay-us",
         type=int,
         default=2000,
         help="dynamic batching queue delay in microseconds (default %(default)s)",
+    )
+    out.add_argument(
+        "--preferred-batch-size",
+        type=int,
+        action="append",
+        help="a batch size dynamic batching should aim for (repeatable); the largest is also "
+        "the opt batch of TensorRT profiles. Default: none (max batch size for TensorRT)",
+    )
+    out.add_argument(
+        "--ort-accelerator",
+        choices=("tensorrt", "cuda"),
+        help="onnxruntime flavour on GPU: ask Triton's ONNX Runtime backend for its TensorRT "
+        "provider (FP16, engines built at load and cached; README 'GPU') or for the CUDA "
+        "provider with --ort-option settings. Default: the backend's CUDA provider",
+    )
+    out.add_argument(
+        "--ort-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a parameter of that accelerator (repeatable), e.g. precision_mode=FP32, "
+        "trt_engine_cache_path=/cache, gpu_mem_limit=4294967296",
     )
     out.add_argument(
         "--instances",
@@ -183,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="write configs and python models only (no weights, no ONNX)",
     )
     return p
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
 
 
 def preprocess_spec_of(args: argparse.Namespace, base: PreprocessSpec) -> PreprocessSpec:
@@ -356,16 +394,43 @@ def _end_to_end_check(specs, enc, head, preprocess_spec, model_files: dict[str, 
     }
 
 
+def _build_engines(args: argparse.Namespace) -> bool:
+    """The tensorrt flavour: build and verify the engines here when TensorRT and a GPU are
+    present, else say how to finish on the GPU machine (the ONNX files and configs are written)."""
+    from export import build_engines
+    from export.tensorrt_build import EngineBuildError, first_gpu, require_tensorrt
+
+    try:
+        require_tensorrt()
+        first_gpu()
+    except EngineBuildError as exc:
+        print(
+            f"tensorrt flavour: ONNX files and configs written, ENGINES NOT BUILT here ({exc}).\n"
+            f"  Finish on the GPU that will serve them, with the TensorRT of the serving Triton "
+            f"release:\n  python export/build_engines.py {args.out}\n"
+            f"  (trtexec instead: python export/build_engines.py {args.out} --print-trtexec)"
+        )
+        return True
+    return build_engines.main([str(args.out), "--precision", args.engine_precision]) == 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    dep = Deployment(
-        backend=args.backend,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us,
-        compute_instances=args.instances,
-        preprocess_instances=args.preprocess_instances,
-    )
+    try:
+        dep = Deployment(
+            backend=args.backend,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            preferred_batch_sizes=tuple(args.preferred_batch_size or ()),
+            compute_instances=args.instances,
+            preprocess_instances=args.preprocess_instances,
+            ort_accelerator=args.ort_accelerator or "",
+            ort_options=_key_values(args.ort_option or [], "--ort-option"),
+        )
+    except (ValueError, UsageError) as exc:
+        print(f"export.py: error: {exc}", file=sys.stderr)
+        return 2
     from export.repository import model_file, write_repository
     from export.spec import load_encoder_config
 
@@ -393,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from export.head import build_multitask_head
     from export.onnx_export import OPSET, export_graph
-    from export.validate import fixed_inputs, validate_graph
+    from export.sample_inputs import fixed_inputs
+    from export.validate import validate_graph
 
     specs = build_specs(enc.config, tuple(heads))
     head = build_multitask_head(heads, specs.tasks)
@@ -415,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         example = tuple(
             torch.from_numpy(a) for a in fixed_inputs(graph, 2, 0, enc.config.vocab_size).values()
         )
-        target = model_file(args.out, graph.name, dep).with_suffix(".onnx")
+        target = model_file(args.out, graph.name, dep).with_name(ONNX_FILE)
         export_graph(modules[graph.name], graph, example, target, fp16=args.fp16)
         files[graph.name] = target
         report = validate_graph(
@@ -466,8 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
     }
     (args.out / "export_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if args.backend == "tensorrt":
-        print("tensorrt flavour: ONNX files written; build the engines on a GPU (see README).")
+    if args.backend == "tensorrt" and passed:
+        passed = _build_engines(args)
     print(
         f"{'PASSED' if passed else 'FAILED'}: report in {args.out / 'export_report.json'} "
         f"({summary['seconds']} s)"

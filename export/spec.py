@@ -80,6 +80,10 @@ INPUT_IDS = "input_ids"
 IMAGE_FEATURES = "image_features"
 TEXT_FEATURES = "text_features"
 
+# TensorRT engines against ONNX Runtime on the same inputs (export/tensorrt_build.py): every
+# feature vector within this cosine, every probability output with the same top-1 class.
+TENSORRT_MIN_COSINE = 0.999
+
 # numpy dtype name -> Triton dtype. "bytes" is Triton's BYTES (np.object_ arrays of bytes).
 TRITON_DTYPES: dict[str, str] = {
     "float32": "TYPE_FP32",

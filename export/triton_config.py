@@ -6,20 +6,51 @@ field that Triton does not know cannot be written. The batch axis is dropped her
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from deploy.engine_check import PLAN_FILE, PLATFORM
 from export.spec import WEIGHTS_PARAMETER, GraphSpec, ModelSpecs, TensorSpec, label_file
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
+ONNX_FILE = "model.onnx"  # in the tensorrt flavour it stays beside model.plan: the engines' source
 # Model file and platform/backend of the compute models (encoders, head) per flavour.
 FLAVOURS: dict[str, dict[str, str]] = {
-    "python": {"backend": "python", "model_file": "model.onnx"},
-    "onnxruntime": {"platform": "onnxruntime_onnx", "model_file": "model.onnx"},
-    "tensorrt": {"platform": "tensorrt_plan", "model_file": "model.plan"},
+    "python": {"backend": "python", "model_file": ONNX_FILE},
+    "onnxruntime": {"platform": "onnxruntime_onnx", "model_file": ONNX_FILE},
+    "tensorrt": {"platform": PLATFORM, "model_file": PLAN_FILE},
 }
+
+
+# Parameters of Triton's ONNX Runtime backend accelerators (onnxruntime_backend README, "Model
+# Config Options"); the TensorRT provider's profile shapes are added from the model's inputs.
+ORT_ACCELERATOR_DEFAULTS: dict[str, dict[str, str]] = {
+    "tensorrt": {
+        "precision_mode": "FP16",
+        "max_workspace_size_bytes": str(4 << 30),
+        # Engines are built when the model loads (minutes) and cached here; point it at a volume
+        # that outlives the container to make restarts fast (/models is mounted read-only).
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": "/tmp/ort-tensorrt-cache",
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": "/tmp/ort-tensorrt-cache",
+    },
+    "cuda": {},
+}
+
+
+def opt_batch_size(max_batch_size: int, preferred: Sequence[int]) -> int:
+    """The batch TensorRT tunes its kernels for: the largest preferred batch size (what dynamic
+    batching aims for), else max_batch_size (what batches reach under load)."""
+    return max(preferred, default=max_batch_size)
+
+
+def shapes_arg(tensors: Iterable[tuple[str, Sequence[int]]], batch: int) -> str:
+    """'name:1x3x224x224,other:1x77': the shape lists of trtexec and of ORT's TensorRT provider."""
+    return ",".join(f"{name}:{'x'.join(map(str, (batch, *dims)))}" for name, dims in tensors)
 
 
 @dataclass(frozen=True)
@@ -37,7 +68,11 @@ class Deployment:
     # python flavour: ONNX Runtime's busy-waiting threads. Off by default: the image and text
     # encoders run at the same time in the ensemble, and spinning pools starve each other.
     intra_op_spinning: bool = False
-    ort_accelerator: dict[str, str] = field(default_factory=dict)  # onnxruntime GPU options
+    # onnxruntime flavour on GPU: "" (ONNX Runtime's CUDA provider), "tensorrt" (its TensorRT
+    # provider: engines built at load, cached) or "cuda" (the CUDA provider with options);
+    # ort_options add to or override the accelerator's parameters (ORT_ACCELERATOR_DEFAULTS).
+    ort_accelerator: str = ""
+    ort_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -46,6 +81,19 @@ class Deployment:
             raise ValueError("max_batch_size must be >= 1")
         if any(b < 1 or b > self.max_batch_size for b in self.preferred_batch_sizes):
             raise ValueError("preferred batch sizes must lie in 1..max_batch_size")
+        if self.ort_accelerator not in ("", *ORT_ACCELERATOR_DEFAULTS):
+            raise ValueError(
+                f"unknown ONNX Runtime accelerator {self.ort_accelerator!r}; "
+                f"known: {list(ORT_ACCELERATOR_DEFAULTS)}"
+            )
+        if (self.ort_accelerator or self.ort_options) and self.backend != "onnxruntime":
+            raise ValueError("ONNX Runtime accelerator options apply to the onnxruntime flavour")
+        if self.ort_options and not self.ort_accelerator:
+            raise ValueError("ONNX Runtime options need an accelerator (tensorrt or cuda)")
+
+    @property
+    def opt_batch(self) -> int:
+        return opt_batch_size(self.max_batch_size, self.preferred_batch_sizes)
 
     @property
     def kind(self) -> str:
@@ -107,15 +155,35 @@ def compute_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.ModelCo
     else:
         config["platform"] = flavour["platform"]
         config["default_model_filename"] = flavour["model_file"]
-    if dep.backend == "onnxruntime" and dep.ort_accelerator and dep.kind == "KIND_GPU":
+    if dep.ort_accelerator and dep.kind == "KIND_GPU":
+        parameters = dict(ORT_ACCELERATOR_DEFAULTS[dep.ort_accelerator])
+        if dep.ort_accelerator == "tensorrt":
+            parameters.update(_ort_tensorrt_profile(spec, dep))
+        parameters.update(dep.ort_options)
         config["optimization"] = {
             "execution_accelerators": {
                 "gpu_execution_accelerator": [
-                    {"name": "tensorrt", "parameters": dict(dep.ort_accelerator)}
+                    {"name": dep.ort_accelerator, "parameters": parameters}
                 ]
             }
         }
     return _to_proto(config)
+
+
+def _ort_tensorrt_profile(spec: GraphSpec, dep: Deployment) -> dict[str, str]:
+    """One explicit profile (batch 1 / opt / max) so the provider builds one engine at load
+    instead of a new one for each batch size it meets."""
+
+    def shapes(batch: int) -> str:
+        return ",".join(
+            f"{t.name}:{'x'.join(map(str, t.batched_shape(batch)))}" for t in spec.inputs
+        )
+
+    return {
+        "trt_profile_min_shapes": shapes(1),
+        "trt_profile_opt_shapes": shapes(dep.opt_batch),
+        "trt_profile_max_shapes": shapes(dep.max_batch_size),
+    }
 
 
 def ensemble_config(

@@ -22,8 +22,8 @@ import torch  # noqa: E402
 
 from export.encoders import hf_encoders  # noqa: E402
 from export.head import build_multitask_head, random_head  # noqa: E402
+from export.sample_inputs import fixed_inputs  # noqa: E402
 from export.spec import DEFAULT_TASKS, build_specs  # noqa: E402
-from export.validate import fixed_inputs  # noqa: E402
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -43,12 +43,19 @@ def main() -> None:
     args = parser.parse_args()
     dev = torch.device("cuda")
     enc = hf_encoders("openai/clip-vit-base-patch32", True, "base", seed=0)
-    heads = {t: random_head(768, 512, t, "guided_ca_diff", seed=1 + i)
-             for i, t in enumerate(DEFAULT_TASKS)}
+    heads = {
+        t: random_head(768, 512, t, "guided_ca_diff", seed=1 + i)
+        for i, t in enumerate(DEFAULT_TASKS)
+    }
     head = build_multitask_head(heads, DEFAULT_TASKS)
     specs = build_specs(enc.config)
-    result: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                    "cuda": torch.version.cuda, "python": platform.python_version(), "runs": []}
+    result: dict = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "runs": [],
+    }
     models = {"fp32": (enc.image.to(dev), enc.text.to(dev), head.to(dev))}
     models["fp16"] = tuple(__import__("copy").deepcopy(m).half() for m in models["fp32"])
     feats: dict = {}
@@ -68,13 +75,19 @@ def main() -> None:
                 step()
             lat = timed(step, 20 if batch < 128 else 8)
             fi, ft, probs = step()
-            feats[(precision, batch)] = (fi.float().cpu(), ft.float().cpu(),
-                                         [q.float().cpu() for q in probs])
-            result["runs"].append({
-                "precision": precision, "batch": batch,
-                "latency_ms_p50": round(1000 * float(np.median(lat)), 3),
-                "throughput_posts_per_s": round(batch / float(np.median(lat)), 1),
-            })
+            feats[(precision, batch)] = (
+                fi.float().cpu(),
+                ft.float().cpu(),
+                [q.float().cpu() for q in probs],
+            )
+            result["runs"].append(
+                {
+                    "precision": precision,
+                    "batch": batch,
+                    "latency_ms_p50": round(1000 * float(np.median(lat)), 3),
+                    "throughput_posts_per_s": round(batch / float(np.median(lat)), 1),
+                }
+            )
             print(result["runs"][-1], flush=True)
     drift = []
     for batch in (1, 8, 32, 128):
@@ -83,8 +96,15 @@ def main() -> None:
         cos = [float(cosine(a[i], b[i], dim=1).min()) for i in (0, 1)]
         agree = [float((x.argmax(1) == y.argmax(1)).float().mean()) for x, y in zip(a[2], b[2])]
         maxdiff = [float((x - y).abs().max()) for x, y in zip(a[2], b[2])]
-        drift.append({"batch": batch, "min_cosine_image": cos[0], "min_cosine_text": cos[1],
-                      "top1_agreement_per_task": agree, "max_abs_diff_probs": maxdiff})
+        drift.append(
+            {
+                "batch": batch,
+                "min_cosine_image": cos[0],
+                "min_cosine_text": cos[1],
+                "top1_agreement_per_task": agree,
+                "max_abs_diff_probs": maxdiff,
+            }
+        )
         print(drift[-1], flush=True)
     result["fp16_vs_fp32"] = drift
     args.out.write_text(json.dumps(result, indent=2))

@@ -24,4 +24,18 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[export,server,dev]"
+# TensorRT's type stubs (10.x API) for mypy, outside site-packages: the package requires TensorRT
+# itself (GPU wheels from pypi.nvidia.com), and a stubs-only `tensorrt` folder would import as an
+# empty namespace package. Only mypy reads them (pyproject.toml [tool.mypy] mypy_path).
+TRT_STUBS=tensorrt-stubs==10.13.0.35.1
+if [ "$(cat .venv/typing-stubs/.installed 2>/dev/null)" != "$TRT_STUBS" ]; then
+  rm -rf .venv/typing-stubs
+  .venv/bin/python -m pip install -q --no-deps --target .venv/typing-stubs "$TRT_STUBS"
+  # The generated stubs have two Python syntax errors (a parameter named `in`, a parameter without
+  # default after defaulted ones) that stop mypy; mend exactly those.
+  sed -i -E -e 's/([(,] *)in: /\1in_: /g' \
+    -e 's/channel_axis: int\) -> IScaleLayer/channel_axis: int = ...) -> IScaleLayer/' \
+    .venv/typing-stubs/tensorrt_bindings/tensorrt.pyi
+  echo "$TRT_STUBS" > .venv/typing-stubs/.installed
+fi
 .venv/bin/python -c "import torch, transformers, onnxruntime, tritonclient; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| onnxruntime', onnxruntime.__version__)"

@@ -60,6 +60,17 @@ def test_both_targets_serve_models_as_non_root_with_a_readiness_healthcheck(targ
     assert stage.last("STOPSIGNAL") == "SIGTERM"
 
 
+def test_gpu_entrypoint_checks_engines_then_execs_the_command() -> None:
+    """NVIDIA's entrypoint, then deploy/engine_check.py (copied into the image), then the CMD (or
+    Kubernetes args), so an engine built for another GPU or TensorRT is refused by name."""
+    entry = STAGES["gpu"].exec_form("ENTRYPOINT")
+    assert entry[0] == "/opt/nvidia/nvidia_entrypoint.sh"
+    assert entry[1:] == ["python3", "/opt/crisis-triton/deploy/engine_check.py", "--"]
+    assert "deploy/engine_check.py /opt/crisis-triton/deploy/engine_check.py" in STAGES["gpu"].all(
+        "COPY"
+    )
+
+
 def test_gpu_command_is_the_embedded_servers_policy() -> None:
     command = STAGES["gpu"].exec_form("CMD")
     assert command[0] == "tritonserver"

@@ -14,8 +14,9 @@ import torch
 
 from export import onnx_export
 from export.encoders import hf_encoders
+from export.sample_inputs import fixed_inputs
 from export.spec import LABELS, build_specs, label_file, load_encoder_config
-from export.validate import ContractError, fixed_inputs, validate_graph
+from export.validate import ContractError, validate_graph
 from tests.conftest import run_export
 
 TINY = load_encoder_config("hf-clip-tiny")

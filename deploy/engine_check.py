@@ -1,0 +1,251 @@
+"""Refuse TensorRT engines built for another GPU or TensorRT version, before Triton loads them.
+
+    python3 deploy/engine_check.py --model-repository /models
+    python3 deploy/engine_check.py -- tritonserver --model-repository=/models ...   (then execs it)
+
+A serialized TensorRT engine runs only under the TensorRT version that built it and on the GPU
+(compute capability, and by NVIDIA's rule the same GPU model) it was tuned on. Triton itself
+reports a mismatch as a deserialization failure deep in its log; this check reads the build facts
+that `export/build_engines.py` writes next to every engine (`model.plan.json`) and names what
+differs. The gpu image runs it as its entrypoint, in front of `tritonserver`; after a successful
+check it replaces itself with the command (exec), so signals go straight to the server.
+
+Standard library only: it runs in NVIDIA's Triton image, whose Python has no project packages.
+The GPUs are read with `nvidia-smi`; the TensorRT version from `libnvinfer.so.<major>`
+(`getInferLibVersion`) or, where installed, the `tensorrt` Python package.
+
+Exit 0 when every engine fits (or there is none), 78 (EX_CONFIG) with the problems otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FACTS_SUFFIX = ".json"  # model.plan -> model.plan.json
+PLAN_FILE = "model.plan"
+PLATFORM = "tensorrt_plan"
+EX_CONFIG = 78
+REBUILD = (
+    "build the engines on this GPU model with this TensorRT (the TensorRT container of this "
+    "Triton release): python export/build_engines.py REPOSITORY"
+)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    compute_capability: str  # "9.0"
+
+
+@dataclass
+class BuildFacts:
+    """What an engine was built with and for; written next to it as model.plan.json."""
+
+    tensorrt_version: str  # "10.5.0" (major.minor.patch; a build number is dropped)
+    gpu: Gpu
+    precision: str  # "fp16" | "fp32"
+    profile: dict[str, dict[str, list[int]]]  # input -> {"min"|"opt"|"max": shape}
+    onnx_sha256: str = ""
+    fp32_layers: list[str] = field(default_factory=list)
+    tf32: bool = True
+    timing_cache: str = ""
+    build_seconds: float = 0.0
+    verification: dict = field(default_factory=dict)
+    trtexec: list[str] = field(default_factory=list)  # the equivalent command line
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildFacts:
+        data = json.loads(text)
+        data["gpu"] = Gpu(**data["gpu"])
+        return cls(**data)
+
+
+def facts_path(plan: Path) -> Path:
+    return plan.with_name(plan.name + FACTS_SUFFIX)
+
+
+def short_version(version: str) -> str:
+    """'10.5.0.18' -> '10.5.0': engines are tied to major.minor.patch."""
+    return ".".join(version.split(".")[:3])
+
+
+# ------------------------------------------------------------------------------ this machine
+
+
+def local_gpus() -> list[Gpu]:
+    """Every GPU this process can see (the container's, under NVIDIA's runtime)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        raise RuntimeError("nvidia-smi not found: no NVIDIA driver visible, so no GPU to check")
+    done = subprocess.run(
+        [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"nvidia-smi failed: {(done.stderr or done.stdout).strip()[:300]}")
+    gpus = []
+    for line in done.stdout.strip().splitlines():
+        name, _, cap = line.rpartition(",")
+        gpus.append(Gpu(name.strip(), cap.strip()))
+    if not gpus:
+        raise RuntimeError("nvidia-smi lists no GPU")
+    return gpus
+
+
+def local_tensorrt_version(major: int) -> str:
+    """The TensorRT (major.minor.patch) this machine would load engines with."""
+    try:
+        import tensorrt  # noqa: PLC0415 (optional; absent from NVIDIA's Triton image)
+
+        version = getattr(tensorrt, "__version__", None)
+        if version:
+            return short_version(str(version))
+    except ImportError:
+        pass
+    lib = f"libnvinfer.so.{major}"
+    try:
+        number = int(ctypes.CDLL(lib).getInferLibVersion())
+    except (OSError, AttributeError) as exc:
+        raise RuntimeError(f"no TensorRT {major}.x library here ({lib}: {exc})") from None
+    # NV_TENSORRT_VERSION: MAJOR*10000 + MINOR*100 + PATCH from TensorRT 10 on (*1000 before).
+    scale = 10000 if number >= 100000 else 1000
+    return f"{number // scale}.{number % scale // 100}.{number % 100}"
+
+
+# ------------------------------------------------------------------------------ the check
+
+
+def tensorrt_models(repo: Path) -> list[Path]:
+    """Folders of the repository's models whose config says platform tensorrt_plan."""
+    platform = re.compile(r'^\s*platform\s*:\s*"' + PLATFORM + '"', re.MULTILINE)
+    return sorted(
+        config.parent
+        for config in repo.glob("*/config.pbtxt")
+        if platform.search(config.read_text(errors="replace"))
+    )
+
+
+def engine_problems(
+    facts: BuildFacts, gpus: Sequence[Gpu], tensorrt_version: str, same_architecture_ok: bool
+) -> list[str]:
+    """Why an engine with these build facts cannot be served here ([] when it can)."""
+    problems = []
+    if short_version(facts.tensorrt_version) != tensorrt_version:
+        problems.append(
+            f"built with TensorRT {facts.tensorrt_version}, this machine has {tensorrt_version}"
+        )
+    for i, gpu in enumerate(gpus):
+        if gpu.compute_capability != facts.gpu.compute_capability:
+            problems.append(
+                f"built for compute capability {facts.gpu.compute_capability} "
+                f"({facts.gpu.name}), GPU {i} is {gpu.compute_capability} ({gpu.name})"
+            )
+        elif gpu.name != facts.gpu.name and not same_architecture_ok:
+            problems.append(
+                f"built on a {facts.gpu.name}, GPU {i} is a {gpu.name} (same compute capability "
+                f"{gpu.compute_capability}: NVIDIA supports engines only on the GPU model that "
+                "built them; --same-architecture-ok accepts it)"
+            )
+    return problems
+
+
+def check_repository(
+    repo: Path,
+    gpus: Sequence[Gpu] | None = None,
+    tensorrt_version: str | None = None,
+    same_architecture_ok: bool = False,
+) -> list[str]:
+    """Every reason the repository's TensorRT engines cannot be served here. `gpus` and
+    `tensorrt_version` default to this machine's, read only when there is an engine to check."""
+    problems: list[str] = []
+    for model in tensorrt_models(repo):
+        versions = sorted(p for p in model.iterdir() if p.is_dir() and p.name.isdigit())
+        if not versions:
+            problems.append(f"{model.name}: no version folder (expected {model.name}/1/)")
+        for version in versions:
+            where = f"{model.name}/{version.name}/{PLAN_FILE}"
+            plan = version / PLAN_FILE
+            if not plan.is_file():
+                problems.append(f"{where}: missing; {REBUILD}")
+                continue
+            if not facts_path(plan).is_file():
+                problems.append(f"{where}: no build facts ({facts_path(plan).name}); {REBUILD}")
+                continue
+            try:
+                facts = BuildFacts.from_json(facts_path(plan).read_text())
+            except (ValueError, TypeError, KeyError) as exc:
+                problems.append(f"{where}: unreadable build facts ({exc})")
+                continue
+            try:
+                if gpus is None:
+                    gpus = local_gpus()
+                here = tensorrt_version or local_tensorrt_version(
+                    int(facts.tensorrt_version.split(".")[0])
+                )
+            except RuntimeError as exc:
+                problems.append(f"{where}: cannot check it here: {exc}")
+                continue
+            problems += [
+                f"{where}: {p}" for p in engine_problems(facts, gpus, here, same_architecture_ok)
+            ]
+    return problems
+
+
+def _repository_of(command: Sequence[str]) -> str | None:
+    for i, arg in enumerate(command):
+        if arg.startswith("--model-repository="):
+            return arg.split("=", 1)[1]
+        if arg in ("--model-repository", "--model-store") and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith("--model-store="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--model-repository",
+        help="repository to check (default: the --model-repository of the command after --)",
+    )
+    parser.add_argument(
+        "--same-architecture-ok",
+        action="store_true",
+        help="accept an engine built on another GPU model of the same compute capability",
+    )
+    args = parser.parse_args(argv)
+    repo = args.model_repository or _repository_of(command)
+    if not repo:
+        parser.error("give --model-repository, or a command after -- that names one")
+    problems = check_repository(Path(repo), same_architecture_ok=args.same_architecture_ok)
+    if problems:
+        print(f"engine_check: refusing to serve {repo}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EX_CONFIG
+    if command:
+        sys.stdout.flush()
+        os.execvp(command[0], command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Deterministic inputs for checking a graph, from its tensor specs (numpy only, no torch).
+
+Used by the ONNX verification (export/validate.py) and the TensorRT engine verification
+(export/tensorrt_build.py), which runs where torch may not be installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.spec import GraphSpec, TensorSpec
+
+
+def fixed_input(t: TensorSpec, batch: int, rng: np.random.Generator, vocab_size: int) -> np.ndarray:
+    """Deterministic, realistic inputs: normalised pixels in [-1, 1], CLIP-shaped token rows."""
+    shape = t.batched_shape(batch)
+    if t.dtype == "int64":
+        (length,) = t.dims
+        ids = np.full(shape, vocab_size - 1, dtype=np.int64)  # <|endoftext|> pads
+        for row in ids:
+            n = int(rng.integers(0, length - 1))
+            row[0] = vocab_size - 2  # <|startoftext|>
+            row[1 : 1 + n] = rng.integers(0, vocab_size - 2, size=n)
+            row[1 + n] = vocab_size - 1
+        return ids
+    if t.dims and len(t.dims) == 3:
+        return rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+    return rng.standard_normal(size=shape).astype(np.float32)
+
+
+def fixed_inputs(spec: GraphSpec, batch: int, seed: int, vocab_size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {t.name: fixed_input(t, batch, rng, vocab_size) for t in spec.inputs}
