@@ -33,7 +33,13 @@ from export.spec import (
     probs_name,
     task_of_output,
 )
-from export.triton_config import FLAVOURS, Deployment, all_configs, parse_pbtxt
+from export.triton_config import (
+    FLAVOURS,
+    Deployment,
+    all_configs,
+    ort_options_of,
+    parse_pbtxt,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_SOURCES = ROOT / "export"
@@ -173,7 +179,8 @@ def read_deployment(repo: Path) -> Deployed:
         device="gpu" if image.instance_group[0].kind == 1 else "cpu",  # KIND_GPU = 1
         intra_op_threads=int(params.get("intra_op_num_threads", "0")),
         intra_op_spinning=params.get("intra_op_spinning", "0") == "1",
-        ort_accelerator=dict(accel[0].parameters) if accel else {},
+        ort_accelerator=accel[0].name if accel else "",
+        ort_options=ort_options_of(accel[0].name, dict(accel[0].parameters)) if accel else {},
     )
     ensemble = configs.get(ENSEMBLE)
     param = ensemble.parameters.get(WEIGHTS_PARAMETER) if ensemble is not None else None

@@ -128,14 +128,18 @@ def local_tensorrt_version(major: int) -> str:
 # ------------------------------------------------------------------------------ the check
 
 
-def tensorrt_models(repo: Path) -> list[Path]:
-    """Folders of the repository's models whose config says platform tensorrt_plan."""
-    platform = re.compile(r'^\s*platform\s*:\s*"' + PLATFORM + '"', re.MULTILINE)
-    return sorted(
-        config.parent
-        for config in repo.glob("*/config.pbtxt")
-        if platform.search(config.read_text(errors="replace"))
-    )
+def tensorrt_models(repo: Path) -> dict[Path, str]:
+    """Folders of the repository's TensorRT models (platform tensorrt_plan or backend tensorrt)
+    -> their model file name (default_model_filename, else model.plan)."""
+    tensorrt = re.compile(r'^\s*(platform|backend)\s*:\s*"(' + PLATFORM + '|tensorrt)"', re.M)
+    filename = re.compile(r'^\s*default_model_filename\s*:\s*"([^"/]+)"', re.M)
+    models = {}
+    for config in sorted(repo.glob("*/config.pbtxt")):
+        text = config.read_text(errors="replace")
+        if tensorrt.search(text):
+            named = filename.search(text)
+            models[config.parent] = named.group(1) if named else PLAN_FILE
+    return models
 
 
 def engine_problems(
@@ -171,13 +175,13 @@ def check_repository(
     """Every reason the repository's TensorRT engines cannot be served here. `gpus` and
     `tensorrt_version` default to this machine's, read only when there is an engine to check."""
     problems: list[str] = []
-    for model in tensorrt_models(repo):
+    for model, plan_file in tensorrt_models(repo).items():
         versions = sorted(p for p in model.iterdir() if p.is_dir() and p.name.isdigit())
         if not versions:
             problems.append(f"{model.name}: no version folder (expected {model.name}/1/)")
         for version in versions:
-            where = f"{model.name}/{version.name}/{PLAN_FILE}"
-            plan = version / PLAN_FILE
+            where = f"{model.name}/{version.name}/{plan_file}"
+            plan = version / plan_file
             if not plan.is_file():
                 problems.append(f"{where}: missing; {REBUILD}")
                 continue

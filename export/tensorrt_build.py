@@ -132,11 +132,12 @@ def pin_fp32_layers(
     nodes (by layer name or output tensor name); returns their names. Layers with non-float
     outputs (shapes, indices) keep their types."""
     pinned_types = {getattr(trt.LayerType, t) for t in FP32_LAYER_TYPES}
+    skipped = {trt.LayerType.CONSTANT, trt.LayerType.SHAPE}  # weights and shapes: no math
     pinned = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if not outputs or any(o.dtype != trt.float32 for o in outputs):
+        if layer.type in skipped or not outputs or any(o.dtype != trt.float32 for o in outputs):
             continue
         if (
             layer.type in pinned_types
@@ -195,7 +196,9 @@ def build_engine(spec: EngineSpec, options: BuildOptions, gpu: Gpu | None = None
     config.add_optimization_profile(profile)
     cache_file = options.timing_cache
     cache_bytes = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), False):
+        print(f"{spec.model}: timing cache {cache_file} not usable here; starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"{spec.model}: TensorRT could not build the engine (see its log)")

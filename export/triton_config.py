@@ -40,6 +40,7 @@ ORT_ACCELERATOR_DEFAULTS: dict[str, dict[str, str]] = {
     },
     "cuda": {},
 }
+ORT_PROFILE_KEYS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
 
 
 def opt_batch_size(max_batch_size: int, preferred: Sequence[int]) -> int:
@@ -174,15 +175,17 @@ def _ort_tensorrt_profile(spec: GraphSpec, dep: Deployment) -> dict[str, str]:
     """One explicit profile (batch 1 / opt / max) so the provider builds one engine at load
     instead of a new one for each batch size it meets."""
 
-    def shapes(batch: int) -> str:
-        return ",".join(
-            f"{t.name}:{'x'.join(map(str, t.batched_shape(batch)))}" for t in spec.inputs
-        )
+    inputs = [(t.name, t.dims) for t in spec.inputs]
+    batches = (1, dep.opt_batch, dep.max_batch_size)
+    return {key: shapes_arg(inputs, b) for key, b in zip(ORT_PROFILE_KEYS, batches)}
 
+
+def ort_options_of(accelerator: str, parameters: dict[str, str]) -> dict[str, str]:
+    """The --ort-option settings behind an accelerator's parameters as written in a config: what
+    differs from the defaults, without the profile shapes (derived from the batch sizes)."""
+    defaults = ORT_ACCELERATOR_DEFAULTS.get(accelerator, {})
     return {
-        "trt_profile_min_shapes": shapes(1),
-        "trt_profile_opt_shapes": shapes(dep.opt_batch),
-        "trt_profile_max_shapes": shapes(dep.max_batch_size),
+        k: v for k, v in parameters.items() if k not in ORT_PROFILE_KEYS and defaults.get(k) != v
     }
 
 

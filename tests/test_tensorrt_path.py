@@ -280,3 +280,38 @@ def test_engines_build_verify_and_pass_the_serving_check(
         assert built.verification["batch_sizes"] == list(engine.check_batches)
         print(engine.model, json.dumps(built.verification))
     assert check_repository(trt_repo) == []
+
+
+def test_sweep_rewrites_keep_the_accelerator_and_follow_the_batch_size(tmp_path: Path) -> None:
+    """benchmarks' --apply reads the deployment back from the configs: the accelerator and its
+    options survive, and the provider's profile follows a new max batch size."""
+    from benchmarks.repos import apply_deployment, read_deployment
+
+    args = ["--configs-only", "--backend", "onnxruntime", "--ort-accelerator", "tensorrt",
+            "--ort-option", "trt_engine_cache_path=/cache", "--out", str(tmp_path)]  # fmt: skip
+    assert run_export(*args) == 0
+    dep = read_deployment(tmp_path).dep
+    assert dep.ort_accelerator == "tensorrt"
+    assert dep.ort_options == {"trt_engine_cache_path": "/cache"}
+    apply_deployment(tmp_path, max_batch_size=16)
+    from export.triton_config import parse_pbtxt
+
+    image = parse_pbtxt((tmp_path / IMAGE_ENCODER / "config.pbtxt").read_text())
+    [accel] = image.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accel.parameters["trt_profile_max_shapes"] == f"{PIXELS}:16x3x224x224"
+    assert accel.parameters["trt_engine_cache_path"] == "/cache"
+
+
+def test_serving_check_finds_engines_however_the_config_names_them(tmp_path: Path) -> None:
+    model = tmp_path / "custom"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(
+        'name: "custom"\nbackend: "tensorrt"\ndefault_model_filename: "enc.plan"\n'
+    )
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.pbtxt").write_text('name: "other"\nbackend: "python"\n')
+    [problem] = check_repository(tmp_path, [H100], "10.5.0")
+    assert problem.startswith("custom/1/enc.plan: missing")
+    (model / "1" / "enc.plan").write_bytes(b"x")
+    facts_path(model / "1" / "enc.plan").write_text(facts().to_json())
+    assert check_repository(tmp_path, [H100], "10.5.0") == []
