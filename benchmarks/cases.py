@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from client.triton_client import bytes_input
 from export.preprocess import PreprocessSpec
 from export.spec import CAPTION_INPUT, IMAGE_INPUT, TEXT_INPUT
 
@@ -45,11 +46,7 @@ class Case:
         """tritonclient InferInputs (`module` = tritonclient.http or tritonclient.grpc)."""
 
         def tensor(name: str, value: bytes, shape: tuple[int, ...] = (1, 1)) -> Any:
-            t = module.InferInput(name, list(shape), "BYTES")
-            arr = np.empty(shape, dtype=np.object_)
-            arr.fill(value)  # not np.full: it goes through np.bytes_, which drops trailing NULs
-            t.set_data_from_numpy(arr)
-            return t
+            return bytes_input(module, name, value, shape)
 
         if self.form == WRONG_DTYPE:
             image = module.InferInput(IMAGE_INPUT, [1, 1], "FP32")

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.report import Row, Tick, make_row
 from benchmarks.workload import Post
+from client.triton_client import bytes_input
 from export.spec import (
     ENSEMBLE,
     HEAD,
@@ -67,12 +66,10 @@ class Requester:
         self.outputs = [self.module.InferRequestedOutput(n) for n in outputs]
 
     def _inputs(self, post: Post) -> list[Any]:
-        def tensor(name: str, value: bytes) -> Any:
-            t = self.module.InferInput(name, [1, 1], "BYTES")
-            t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
-            return t
-
-        return [tensor(IMAGE_INPUT, post.image), tensor(TEXT_INPUT, post.text.encode())]
+        return [
+            bytes_input(self.module, IMAGE_INPUT, post.image),
+            bytes_input(self.module, TEXT_INPUT, post.text.encode()),
+        ]
 
     def send(self, i: int) -> None:
         inputs = self.requests[i % len(self.requests)]

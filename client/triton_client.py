@@ -87,6 +87,18 @@ class InferenceError(ClientError):
 # ------------------------------------------------------------------------------ predictions
 
 
+
+def bytes_input(module: Any, name: str, value: bytes, shape: Sequence[int] = (1, 1)) -> Any:
+    """A BYTES InferInput (`module`: tritonclient.http or .grpc) with `value` in every element.
+
+    Built as an np.object_ array: numpy's bytes type (np.array of bytes, np.full) drops trailing
+    NUL bytes, which corrupts binary payloads such as images."""
+    tensor = module.InferInput(name, list(shape), "BYTES")
+    array = np.empty(tuple(shape), dtype=np.object_)
+    array.fill(value)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
 @dataclass(frozen=True)
 class ClassScore:
     """One entry of Triton's classification extension: "prob:index:label"."""
@@ -522,11 +534,7 @@ class CrisisClient:
         tensors = [(IMAGE_INPUT, bytes(image_bytes)), (TEXT_INPUT, text.encode("utf-8"))]
         if caption:
             tensors.append((CAPTION_INPUT, caption.encode("utf-8")))
-        inputs = []
-        for name, value in tensors:
-            inp = mod.InferInput(name, [1, 1], "BYTES")
-            inp.set_data_from_numpy(np.array([[value]], dtype=np.object_))
-            inputs.append(inp)
+        inputs = [bytes_input(mod, name, value) for name, value in tensors]
         outputs = [
             mod.InferRequestedOutput(probs_name(t), class_count=info.num_classes[t])
             for t in selected

@@ -138,16 +138,15 @@ def classify(url: str, protocol: str = "http") -> dict[str, Any]:
 def raw_probabilities(url: str, tasks: Sequence[str]) -> dict[str, list[float]]:
     """The ensemble's FP32 outputs for the same post, unrounded (classify.py's JSON carries the
     6 decimals of Triton's classification extension)."""
-    import numpy as np
     import tritonclient.http as http
 
+    from client.triton_client import bytes_input
     from export.spec import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT, probs_name
 
-    inputs = []
-    for name, value in ((IMAGE_INPUT, IMAGE_FILE.read_bytes()), (TEXT_INPUT, TEXT.encode())):
-        tensor = http.InferInput(name, [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[value]], dtype=np.object_))
-        inputs.append(tensor)
+    inputs = [
+        bytes_input(http, IMAGE_INPUT, IMAGE_FILE.read_bytes()),
+        bytes_input(http, TEXT_INPUT, TEXT.encode()),
+    ]
     outputs = [http.InferRequestedOutput(probs_name(task)) for task in tasks]
     client = http.InferenceServerClient(url)
     try:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client.triton_client import bytes_input
 from deploy.server import EmbeddedServer, free_port
 from export.spec import CAPTION_INPUT, ENSEMBLE, IMAGE_INPUT, LABELS, TEXT_INPUT, probs_name
 from tests.conftest import ROOT
@@ -49,9 +50,7 @@ POSTS = [
 def infer_raw(client_module, url: str, image: bytes, text: str, caption: str | None):
     """One request with tritonclient directly; returns the raw FP32 probabilities per task."""
     def tensor(name: str, value: bytes):
-        t = client_module.InferInput(name, [1, 1], "BYTES")
-        t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
-        return t
+        return bytes_input(client_module, name, value)
 
     inputs = [tensor(IMAGE_INPUT, image), tensor(TEXT_INPUT, text.encode())]
     if caption is not None:
@@ -138,8 +137,7 @@ def test_bad_requests_fail_alone_and_the_server_stays_ready(server) -> None:
     client = http.InferenceServerClient(server.url_http)
     assert client.is_server_ready() and client.is_model_ready(ENSEMBLE)
     # A missing required input gets Triton's own error; the server is unaffected.
-    text_only = http.InferInput(TEXT_INPUT, [1, 1], "BYTES")
-    text_only.set_data_from_numpy(np.array([[b"x"]], dtype=np.object_))
+    text_only = bytes_input(http, TEXT_INPUT, b"x")
     with pytest.raises(InferenceServerException, match="image"):
         client.infer(ENSEMBLE, [text_only])
     assert client.is_model_ready(ENSEMBLE)
