@@ -87,7 +87,6 @@ class InferenceError(ClientError):
 # ------------------------------------------------------------------------------ predictions
 
 
-
 def bytes_input(module: Any, name: str, value: bytes, shape: Sequence[int] = (1, 1)) -> Any:
     """A BYTES InferInput (`module`: tritonclient.http or .grpc) with `value` in every element.
 
@@ -98,6 +97,7 @@ def bytes_input(module: Any, name: str, value: bytes, shape: Sequence[int] = (1,
     array.fill(value)
     tensor.set_data_from_numpy(array)
     return tensor
+
 
 @dataclass(frozen=True)
 class ClassScore:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from pathlib import Path
 
 FACTS_SUFFIX = ".json"  # model.plan -> model.plan.json
 PLAN_FILE = "model.plan"
+ONNX_FILE = "model.onnx"  # the engine's source, kept beside it by export/export.py
 PLATFORM = "tensorrt_plan"
 EX_CONFIG = 78
 REBUILD = (
@@ -55,7 +57,8 @@ class BuildFacts:
     gpu: Gpu
     precision: str  # "fp16" | "fp32"
     profile: dict[str, dict[str, list[int]]]  # input -> {"min"|"opt"|"max": shape}
-    onnx_sha256: str = ""
+    onnx_sha256: str = ""  # the model.onnx it was built from (checked when it lies beside)
+    plan_sha256: str = ""  # the engine itself: a plan replaced without its facts is refused
     fp32_layers: list[str] = field(default_factory=list)
     tf32: bool = True
     timing_cache: str = ""
@@ -77,6 +80,14 @@ def facts_path(plan: Path) -> Path:
     return plan.with_name(plan.name + FACTS_SUFFIX)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def short_version(version: str) -> str:
     """'10.5.0.18' -> '10.5.0': engines are tied to major.minor.patch."""
     return ".".join(version.split(".")[:3])
@@ -85,15 +96,16 @@ def short_version(version: str) -> str:
 # ------------------------------------------------------------------------------ this machine
 
 
-def local_gpus() -> list[Gpu]:
-    """Every GPU this process can see (the container's, under NVIDIA's runtime)."""
+def local_gpus(select: str | None = None) -> list[Gpu]:
+    """Every GPU nvidia-smi shows (the container's, under NVIDIA's runtime), or the one `select`
+    names (an index or a UUID, as nvidia-smi -i takes them)."""
     smi = shutil.which("nvidia-smi")
     if not smi:
         raise RuntimeError("nvidia-smi not found: no NVIDIA driver visible, so no GPU to check")
+    command = [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"]
     done = subprocess.run(
-        [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        command + (["-i", select] if select else []), capture_output=True, text=True, timeout=60
+    )
     if done.returncode != 0:
         raise RuntimeError(f"nvidia-smi failed: {(done.stderr or done.stdout).strip()[:300]}")
     gpus = []
@@ -193,6 +205,13 @@ def check_repository(
             except (ValueError, TypeError, KeyError) as exc:
                 problems.append(f"{where}: unreadable build facts ({exc})")
                 continue
+            if facts.plan_sha256 and file_sha256(plan) != facts.plan_sha256:
+                problems.append(f"{where}: not the engine its build facts describe; {REBUILD}")
+                continue
+            onnx = version / ONNX_FILE
+            if facts.onnx_sha256 and onnx.is_file() and file_sha256(onnx) != facts.onnx_sha256:
+                problems.append(f"{where}: built from another {ONNX_FILE} than the one beside it")
+                continue
             try:
                 if gpus is None:
                     gpus = local_gpus()
@@ -208,15 +227,16 @@ def check_repository(
     return problems
 
 
-def _repository_of(command: Sequence[str]) -> str | None:
+def _repositories_of(command: Sequence[str]) -> list[str]:
+    """Every --model-repository (or --model-store) of a tritonserver command line."""
+    found = []
     for i, arg in enumerate(command):
-        if arg.startswith("--model-repository="):
-            return arg.split("=", 1)[1]
-        if arg in ("--model-repository", "--model-store") and i + 1 < len(command):
-            return command[i + 1]
-        if arg.startswith("--model-store="):
-            return arg.split("=", 1)[1]
-    return None
+        for flag in ("--model-repository", "--model-store"):
+            if arg.startswith(flag + "="):
+                found.append(arg.split("=", 1)[1])
+            elif arg == flag and i + 1 < len(command):
+                found.append(command[i + 1])
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,15 +256,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="accept an engine built on another GPU model of the same compute capability",
     )
     args = parser.parse_args(argv)
-    repo = args.model_repository or _repository_of(command)
-    if not repo:
+    repos = [args.model_repository] if args.model_repository else _repositories_of(command)
+    if not repos and not command:
         parser.error("give --model-repository, or a command after -- that names one")
-    problems = check_repository(Path(repo), same_architecture_ok=args.same_architecture_ok)
-    if problems:
-        print(f"engine_check: refusing to serve {repo}:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EX_CONFIG
+    if not repos:  # `docker run IMAGE bash`, `tritonserver --help`: nothing to check
+        print("engine_check: no model repository in the command: nothing checked", file=sys.stderr)
+    for repo in repos:
+        problems = check_repository(Path(repo), same_architecture_ok=args.same_architecture_ok)
+        if problems:
+            print(f"engine_check: refusing to serve {repo}:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EX_CONFIG
     if command:
         sys.stdout.flush()
         os.execvp(command[0], command)

@@ -12,8 +12,8 @@ of the repository it builds `model.plan` from `model.onnx` with the profile its 
 build facts next to it (`model.plan.json`) and prints the equivalent trtexec command. A timing
 cache (default: ~/.cache/crisis-triton/, one file per TensorRT version and GPU) makes rebuilds fast.
 
-Exit codes: 0 built and verified, 1 an engine failed verification (and was deleted),
-2 usage, 3 no TensorRT or no GPU here.
+Exit codes: 0 built and verified; 1 an engine could not be built or failed its verification
+(none is left in place: the previous one is removed first); 2 usage; 3 no TensorRT or no GPU here.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ if __package__ in (None, ""):  # run as a script: make `export` and `deploy` imp
 
 from deploy.engine_check import check_repository  # noqa: E402
 from export.engine_profile import (  # noqa: E402
+    DEFAULT_WORKSPACE_MIB,
+    PRECISIONS,
     repository_engines,
     shell_line,
     trtexec_command,
@@ -44,13 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repository", type=Path, help="a repository written with --backend tensorrt")
     p.add_argument(
         "--precision",
-        choices=("fp16", "fp32"),
+        choices=PRECISIONS,
         default="fp16",
         help="engine precision for FP32 ONNX files (FP16 ONNX files are built strongly typed). "
         "Default: %(default)s",
     )
     p.add_argument("--timing-cache", type=Path, help="timing cache file, read and updated")
-    p.add_argument("--workspace-mib", type=int, default=4096, help="default: %(default)s")
+    p.add_argument(
+        "--workspace-mib", type=int, default=DEFAULT_WORKSPACE_MIB, help="default: %(default)s"
+    )
     p.add_argument("--no-tf32", action="store_true", help="FP32 layers without TF32 math")
     p.add_argument(
         "--print-trtexec",
@@ -67,10 +71,7 @@ def vocab_size(repo: Path) -> int:
     report = repo / REPORT
     if not report.is_file():
         raise ValueError(f"{report}: missing; export the repository with export/export.py first")
-    data = json.loads(report.read_text())
-    if data.get("precision") == "fp16":
-        print("build_engines: FP16 ONNX files: engines are built strongly typed", file=sys.stderr)
-    return load_encoder_config(data["encoder_config"]).vocab_size
+    return load_encoder_config(json.loads(report.read_text())["encoder_config"]).vocab_size
 
 
 def default_timing_cache(tensorrt_version: str, compute_capability: str) -> Path:
@@ -91,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = trtexec_command(
                 spec, args.precision, (), args.timing_cache, args.workspace_mib, not args.no_tf32
             )
-            print(f"# {spec.model}: FP32 layers are listed after a build (model.plan.json)")
+            print(
+                f"# {spec.model}: FP32 layers are listed after a build (model.plan.json); for "
+                "FP16 ONNX files (export.py --fp16) use --stronglyTyped instead of --fp16"
+            )
             print(shell_line(command))
         return 0
     from export.tensorrt_build import (

@@ -20,9 +20,11 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2
 
-from deploy.engine_check import PLAN_FILE, PLATFORM
-from export.triton_config import ONNX_FILE, opt_batch_size, parse_pbtxt, shapes_arg
+from deploy.engine_check import ONNX_FILE, PLAN_FILE, PLATFORM
+from export.triton_config import opt_batch_size, parse_pbtxt, shapes_arg
 
+PRECISIONS = ("fp16", "fp32")  # engine precisions of build_engines.py / export.py
+DEFAULT_WORKSPACE_MIB = 4096
 DTYPES = {  # Triton TYPE_* -> numpy dtype name
     model_config_pb2.TYPE_FP32: "float32",
     model_config_pb2.TYPE_FP16: "float16",
@@ -133,11 +135,13 @@ def trtexec_command(
     timing_cache: Path | None = None,
     workspace_mib: int = 0,
     tf32: bool = True,
+    strongly_typed: bool = False,
 ) -> list[str]:
     """The trtexec command line equivalent to build_engines.py's build of `spec`.
 
     The FP32 layers are named one by one (trtexec's --layerPrecisions takes names, not types):
-    the list comes from the network TensorRT parsed, so it is complete only after a build."""
+    the list comes from the network TensorRT parsed, so it is complete only after a build. A
+    strongly typed build (FP16 ONNX file, or TensorRT 11) takes its precisions from the graph."""
     command = [
         "trtexec",
         f"--onnx={spec.onnx}",
@@ -146,7 +150,9 @@ def trtexec_command(
         f"--optShapes={_shapes(spec, spec.opt_batch)}",
         f"--maxShapes={_shapes(spec, spec.max_batch)}",
     ]
-    if precision == "fp16":
+    if strongly_typed:
+        command.append("--stronglyTyped")
+    elif precision == "fp16":
         command.append("--fp16")
         if fp32_layers:
             command += [

@@ -28,6 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python export/export.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.engine_profile import PRECISIONS  # noqa: E402
 from export.preprocess import PreprocessSpec  # noqa: E402
 from export.spec import (  # noqa: E402
     ALL_TASKS,
@@ -144,10 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument(
         "--engine-precision",
-        choices=("fp16", "fp32"),
+        choices=PRECISIONS,
         default="fp16",
         help="tensorrt flavour: precision of the engines built from the FP32 ONNX files "
         "(export/build_engines.py --precision). Default: %(default)s",
+    )
+    out.add_argument(
+        "--no-engines",
+        action="store_true",
+        help="tensorrt flavour: write the ONNX files and configs only, even where TensorRT and "
+        "a GPU are present (build later with export/build_engines.py)",
     )
     out.add_argument("--max-batch-size", type=int, default=32, help="default: %(default)s")
     out.add_argument(
@@ -400,15 +407,17 @@ def _build_engines(args: argparse.Namespace) -> bool:
     from export import build_engines
     from export.tensorrt_build import EngineBuildError, first_gpu, require_tensorrt
 
+    finish = f"python export/build_engines.py {args.out} --precision {args.engine_precision}"
     try:
+        if args.no_engines:
+            raise EngineBuildError("--no-engines")
         require_tensorrt()
         first_gpu()
     except EngineBuildError as exc:
         print(
             f"tensorrt flavour: ONNX files and configs written, ENGINES NOT BUILT here ({exc}).\n"
             f"  Finish on the GPU that will serve them, with the TensorRT of the serving Triton "
-            f"release:\n  python export/build_engines.py {args.out}\n"
-            f"  (trtexec instead: python export/build_engines.py {args.out} --print-trtexec)"
+            f"release:\n  {finish}\n  (trtexec instead: add --print-trtexec)"
         )
         return True
     return build_engines.main([str(args.out), "--precision", args.engine_precision]) == 0
@@ -513,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "heads": provenance,
         "tasks": list(specs.tasks),
         "precision": "fp16" if args.fp16 else "fp32",
+        "engine_precision": args.engine_precision if args.backend == "tensorrt" else None,
         "backend": args.backend,
         "opset": OPSET,
         "files": {

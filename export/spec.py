@@ -81,8 +81,12 @@ IMAGE_FEATURES = "image_features"
 TEXT_FEATURES = "text_features"
 
 # TensorRT engines against ONNX Runtime on the same inputs (export/tensorrt_build.py): every
-# feature vector within this cosine, every probability output with the same top-1 class.
+# feature vector within this cosine; probabilities within this max abs diff, with the same top-1
+# class wherever ONNX Runtime's top class leads the engine's choice by more than the margin (a
+# near-tie may flip in FP16 without being an error).
 TENSORRT_MIN_COSINE = 0.999
+TENSORRT_PROBS_ATOL = 1e-2
+TENSORRT_TOP1_MARGIN = 1e-3
 
 # numpy dtype name -> Triton dtype. "bytes" is Triton's BYTES (np.object_ arrays of bytes).
 TRITON_DTYPES: dict[str, str] = {

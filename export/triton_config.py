@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from deploy.engine_check import PLAN_FILE, PLATFORM
+from deploy.engine_check import ONNX_FILE, PLAN_FILE, PLATFORM
 from export.spec import WEIGHTS_PARAMETER, GraphSpec, ModelSpecs, TensorSpec, label_file
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
-ONNX_FILE = "model.onnx"  # in the tensorrt flavour it stays beside model.plan: the engines' source
 # Model file and platform/backend of the compute models (encoders, head) per flavour.
 FLAVOURS: dict[str, dict[str, str]] = {
     "python": {"backend": "python", "model_file": ONNX_FILE},
@@ -30,6 +29,7 @@ FLAVOURS: dict[str, dict[str, str]] = {
 ORT_ACCELERATOR_DEFAULTS: dict[str, dict[str, str]] = {
     "tensorrt": {
         "precision_mode": "FP16",
+        "trt_layer_norm_fp32_fallback": "1",  # LayerNorm overflows in FP16 (as in the engines)
         "max_workspace_size_bytes": str(4 << 30),
         # Engines are built when the model loads (minutes) and cached here; point it at a volume
         # that outlives the container to make restarts fast (/models is mounted read-only).

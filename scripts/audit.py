@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import SpecifierSet
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
@@ -89,11 +89,14 @@ def run_pip_audit(ca: str | None) -> tuple[list[dict], str]:
 
 
 def installed() -> dict[str, str]:
-    """Canonical name -> installed version, for every distribution in this environment."""
-    return {
-        canonicalize_name(dist.metadata["Name"]): dist.version
-        for dist in importlib.metadata.distributions()
-    }
+    """Canonical name -> installed version, for every distribution in this environment except
+    editable installs (this project itself: it is not on PyPI)."""
+    out = {}
+    for dist in importlib.metadata.distributions():
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+        if not direct.get("dir_info", {}).get("editable"):
+            out[canonicalize_name(dist.metadata["Name"])] = dist.version
+    return out
 
 
 def held_back_by(name: str, latest: str) -> list[str]:
@@ -126,17 +129,21 @@ def latest_release_audit(name: str, version: str, ca: str | None) -> dict:
             project = json.load(answer)
     except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, bad JSON
         return {"name": name, "skip_reason": f"{url}: {exc}"}
-    latest = str(project.get("info", {}).get("version", ""))
+    info = project.get("info") or {}
+    latest = str(info.get("version") or "")
     try:
         same = Version(version) == Version(latest)
     except InvalidVersion:
         same = version == latest
     if not same:
-        held = held_back_by(name, latest)
-        needs = str(project["info"].get("requires_python") or "")
-        python = ".".join(map(str, sys.version_info[:3]))
-        if needs and not SpecifierSet(needs).contains(python, prereleases=True):
-            held.append(f"its Python requirement ({needs}; this is {python})")
+        try:
+            held = held_back_by(name, latest)
+            needs = str(info.get("requires_python") or "")
+            python = ".".join(map(str, sys.version_info[:3]))
+            if needs and not SpecifierSet(needs).contains(python, prereleases=True):
+                held.append(f"its Python requirement ({needs}; this is {python})")
+        except (InvalidSpecifier, InvalidVersion):  # odd metadata: only the why is lost
+            held = []
         return {
             "name": name,
             "skip_reason": f"installed {version}, PyPI's per-project JSON describes only the latest"
@@ -151,6 +158,7 @@ def latest_release_audit(name: str, version: str, ca: str | None) -> dict:
             "description": v.get("details") or v.get("summary") or "",
         }
         for v in project.get("vulnerabilities") or []
+        if not v.get("withdrawn")  # as pip-audit: a withdrawn advisory is no finding
     ]
     return {"name": name, "version": version, "vulns": vulns, "source": url}
 
@@ -158,7 +166,8 @@ def latest_release_audit(name: str, version: str, ca: str | None) -> dict:
 def complete(deps: list[dict], ca: str | None) -> list[dict]:
     """pip-audit's list with what it skipped for lack of data filled in from per-project JSON.
 
-    Where pip-audit gave no list at all, every installed distribution but this project is asked."""
+    Where pip-audit gave no list at all, every installed distribution (editable ones excepted)
+    is asked."""
     versions = installed()
     if not deps:
         deps = [{"name": n, "skip_reason": "pip-audit gave no answer"} for n in sorted(versions)]

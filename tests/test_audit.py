@@ -71,3 +71,32 @@ def test_unreachable_project_json_is_a_skip_not_a_clean_result(
     monkeypatch.setattr(audit.urllib.request, "urlopen", urlopen)
     dep = audit.latest_release_audit("somepkg", "2.0.0", None)
     assert "connection refused" in dep["skip_reason"] and "vulns" not in dep
+
+
+def test_withdrawn_advisories_are_no_findings(monkeypatch: pytest.MonkeyPatch) -> None:
+    withdrawn = dict(PROJECT["vulnerabilities"][0], id="PYSEC-2099-2", withdrawn="2099-02-01")
+    project = dict(PROJECT, vulnerabilities=[*PROJECT["vulnerabilities"], withdrawn])
+    monkeypatch.setattr(
+        audit.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(json.dumps(project).encode())
+    )
+    dep = audit.latest_release_audit("somepkg", "2.0.0", None)
+    assert [v["id"] for v in dep["vulns"]] == ["PYSEC-2099-1"]
+
+
+def test_what_pip_audit_skipped_is_filled_in_and_nothing_else(
+    pypi: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "installed", lambda: {"a": "2.0.0", "b": "2.0.0", "c": "1.0"})
+    deps = [
+        {"name": "crisis-triton", "skip_reason": "distribution marked as editable"},
+        {"name": "a", "skip_reason": "Dependency not found on PyPI and could not be audited"},
+        {"name": "b", "version": "2.0.0", "vulns": []},  # audited by pip-audit: kept as it is
+    ]
+    done = audit.complete(deps, None)
+    assert pypi == ["https://pypi.org/pypi/a/json"]
+    assert done[0] == deps[0] and done[2] == deps[2]
+    assert done[1]["version"] == "2.0.0" and done[1]["vulns"][0]["id"] == "PYSEC-2099-1"
+    pypi.clear()
+    everything = audit.complete([], None)  # pip-audit gave no list: ask for every package
+    assert sorted(pypi) == [f"https://pypi.org/pypi/{n}/json" for n in "abc"]
+    assert "installed 1.0" in everything[2]["skip_reason"]

@@ -11,7 +11,8 @@ with the reason, where TensorRT or a GPU is missing.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from deploy.engine_check import (
     check_repository,
     engine_problems,
     facts_path,
+    file_sha256,
 )
 from export import build_engines
 from export.engine_profile import repository_engines, trtexec_command
@@ -47,12 +49,20 @@ H100 = Gpu("NVIDIA H100 80GB HBM3", "9.0")
 TINY_SPECS = build_specs(load_encoder_config("hf-clip-tiny"))
 
 
+EXPORT_SAID: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def trt_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported as the tensorrt flavour: max batch 8, preferred batch 4."""
+    """The tiny model exported as the tensorrt flavour: max batch 8, preferred batch 4. With
+    --no-engines, so the repository is the same on machines with TensorRT and a GPU."""
     out = tmp_path_factory.mktemp("trt_repo")
     args = ("--backend", "tensorrt", "--max-batch-size", "8", "--preferred-batch-size", "4")
-    assert run_export(*TINY_EXPORT_ARGS, *args, "--out", str(out)) == 0
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        code = run_export(*TINY_EXPORT_ARGS, *args, "--no-engines", "--out", str(out))
+    EXPORT_SAID["stdout"] = said.getvalue()
+    assert code == 0, said.getvalue()[-2000:]
     return out
 
 
@@ -71,10 +81,14 @@ def test_tensorrt_export_writes_onnx_sources_and_says_engines_are_not_built(
     for engine in engines:
         assert engine.onnx.is_file() and not engine.plan.exists()
         assert (engine.folder.parent / "config.pbtxt").read_text().count("tensorrt_plan") == 1
-    if not _have_tensorrt_and_gpu():
-        assert check_repository(trt_repo) == [
-            f"{e.model}/1/model.plan: missing; {REBUILD}" for e in engines
-        ]
+    said = EXPORT_SAID["stdout"]
+    assert "ENGINES NOT BUILT here (--no-engines)" in said
+    assert f"python export/build_engines.py {trt_repo} --precision fp16" in said
+    report = json.loads((trt_repo / "export_report.json").read_text())
+    assert report["backend"] == "tensorrt" and report["engine_precision"] == "fp16"
+    assert check_repository(trt_repo) == [
+        f"{e.model}/1/model.plan: missing; {REBUILD}" for e in engines
+    ]
 
 
 def test_profiles_come_from_the_repository_configs(trt_repo: Path) -> None:
@@ -117,13 +131,15 @@ def test_trtexec_command_matches_the_profile_and_precision(trt_repo: Path) -> No
         assert flag in command
     fp32 = trtexec_command(image, "fp32")
     assert not any(f.startswith(("--fp16", "--layerPrecisions", "--noTF32")) for f in fp32)
+    typed = trtexec_command(image, "fp16", ["ln_1"], strongly_typed=True)
+    assert "--stronglyTyped" in typed
+    assert not any(f.startswith(("--fp16", "--layerPrecisions", "--precisionC")) for f in typed)
 
 
 def test_fp32_layers_are_found_from_the_exporters_module_paths(trt_repo: Path) -> None:
     head_onnx = trt_repo / "fusion_head" / "1" / "model.onnx"
-    fp16, names, tensors, sha = onnx_facts(head_onnx)
+    fp16, names, tensors = onnx_facts(head_onnx)
     assert not fp16
-    assert sha == hashlib.sha256(head_onnx.read_bytes()).hexdigest()
     import onnx
 
     nodes = {n.name: n for n in onnx.load(str(head_onnx)).graph.node}
@@ -133,7 +149,7 @@ def test_fp32_layers_are_found_from_the_exporters_module_paths(trt_repo: Path) -
     assert "Gemm" not in ops and "Relu" not in ops
     assert tensors == {t for n in names for t in nodes[n].output}
     image_onnx = trt_repo / IMAGE_ENCODER / "1" / "model.onnx"
-    _, names, _, _ = onnx_facts(image_onnx)
+    _, names, _ = onnx_facts(image_onnx)
     image_nodes = {n.name: n.op_type for n in onnx.load(str(image_onnx)).graph.node}
     assert "LayerNormalization" in {image_nodes[n] for n in names}
     assert "MatMul" not in {image_nodes[n] for n in names}
@@ -174,6 +190,19 @@ def test_serving_check_reads_facts_beside_each_engine(tmp_path: Path) -> None:
     facts_path(first.plan).write_text("{not json")
     [problem] = check_repository(tmp_path, [H100], "10.5.0")
     assert "unreadable build facts" in problem
+    # The facts name the engine and the ONNX file they were built from, by sha256.
+    right = facts(plan_sha256=file_sha256(first.plan))
+    facts_path(first.plan).write_text(right.to_json())
+    assert check_repository(tmp_path, [H100], "10.5.0") == []
+    first.plan.write_bytes(b"another engine, copied over without its facts")
+    [problem] = check_repository(tmp_path, [H100], "10.5.0")
+    assert "not the engine its build facts describe" in problem
+    first.onnx.write_bytes(b"the source")
+    facts_path(first.plan).write_text(
+        facts(plan_sha256=file_sha256(first.plan), onnx_sha256="0" * 64).to_json()
+    )
+    [problem] = check_repository(tmp_path, [H100], "10.5.0")
+    assert "built from another model.onnx" in problem
 
 
 def test_engine_check_command_refuses_or_execs(tmp_path: Path, trt_repo: Path) -> None:
@@ -182,9 +211,8 @@ def test_engine_check_command_refuses_or_execs(tmp_path: Path, trt_repo: Path) -
         [sys.executable, script, "--", "tritonserver", f"--model-repository={trt_repo}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    if not _have_tensorrt_and_gpu():
-        assert refused.returncode == EX_CONFIG, refused.stderr
-        assert "refusing to serve" in refused.stderr and "model.plan: missing" in refused.stderr
+    assert refused.returncode == EX_CONFIG, refused.stderr
+    assert "refusing to serve" in refused.stderr and "model.plan: missing" in refused.stderr
     # A repository without TensorRT models (the python flavour): nothing to check, the command
     # runs in place of the checker.
     plain = tmp_path / "plain"
@@ -194,6 +222,13 @@ def test_engine_check_command_refuses_or_execs(tmp_path: Path, trt_repo: Path) -
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run_ok.returncode == 0 and run_ok.stdout.strip() == "served", run_ok.stderr
+    # A command that names no repository (a shell, tritonserver --help) is not checked, and says so.
+    shell = subprocess.run(
+        [sys.executable, script, "--", sys.executable, "-c", "print('shell')"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shell.returncode == 0 and shell.stdout.strip() == "shell"
+    assert "nothing checked" in shell.stderr
 
 
 def test_build_engines_command_without_tensorrt(trt_repo: Path, capsys) -> None:
