@@ -107,6 +107,8 @@ def test_server_flags_are_the_images(overlay) -> None:
     name, objects = overlay
     args = _container(objects)["args"]
     assert args == dockerfile_stages()[name].exec_form("CMD")
+    # args, never command: the image's ENTRYPOINT (tini; on GPU the engine check) stays in front
+    assert "command" not in _container(objects)
     if name == "gpu":
         got = flags(args)
         for flag, value in flags(POLICY_ARGS).items():
