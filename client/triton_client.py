@@ -99,6 +99,32 @@ def bytes_input(module: Any, name: str, value: bytes, shape: Sequence[int] = (1,
     return tensor
 
 
+def raw_probabilities(
+    module: Any,
+    url: str,
+    image: bytes,
+    text: str,
+    caption: str | None,
+    tasks: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """One post through the ensemble with tritonclient alone (`module`: tritonclient.http or
+    .grpc): each task's FP32 probabilities, unrounded (TritonClassifier reads the 6 decimals of
+    Triton's classification extension). For checks that compare numbers with a reference."""
+    inputs = [
+        bytes_input(module, IMAGE_INPUT, image),
+        bytes_input(module, TEXT_INPUT, text.encode()),
+    ]
+    if caption is not None:
+        inputs.append(bytes_input(module, CAPTION_INPUT, caption.encode()))
+    outputs = [module.InferRequestedOutput(probs_name(t)) for t in tasks]
+    client = module.InferenceServerClient(url)
+    try:
+        result = client.infer(ENSEMBLE, inputs, outputs=outputs)
+    finally:
+        client.close()
+    return {t: result.as_numpy(probs_name(t))[0] for t in tasks}
+
+
 @dataclass(frozen=True)
 class ClassScore:
     """One entry of Triton's classification extension: "prob:index:label"."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2
 
-from deploy.engine_check import ONNX_FILE, PLAN_FILE, PLATFORM
+from deploy.engine_check import ONNX_FILE, PLAN_FILE, PLATFORM, tensorrt_models
 from export.triton_config import opt_batch_size, parse_pbtxt, shapes_arg
 
 PRECISIONS = ("fp16", "fp32")  # engine precisions of build_engines.py / export.py
@@ -60,6 +60,7 @@ class EngineSpec:
     min_batch: int
     opt_batch: int
     max_batch: int
+    plan_file: str = PLAN_FILE  # the config's default_model_filename
 
     @property
     def onnx(self) -> Path:
@@ -67,7 +68,7 @@ class EngineSpec:
 
     @property
     def plan(self) -> Path:
-        return self.folder / PLAN_FILE
+        return self.folder / self.plan_file
 
     @property
     def check_batches(self) -> tuple[int, ...]:
@@ -85,7 +86,9 @@ class EngineSpec:
         }
 
 
-def engine_spec(config: model_config_pb2.ModelConfig, folder: Path) -> EngineSpec:
+def engine_spec(
+    config: model_config_pb2.ModelConfig, folder: Path, plan_file: str = PLAN_FILE
+) -> EngineSpec:
     if config.max_batch_size < 1:
         raise ValueError(f"{config.name}: max_batch_size must be >= 1 for a batched engine")
     inputs = []
@@ -107,16 +110,17 @@ def engine_spec(config: model_config_pb2.ModelConfig, folder: Path) -> EngineSpe
             config.max_batch_size, list(config.dynamic_batching.preferred_batch_size)
         ),
         max_batch=config.max_batch_size,
+        plan_file=plan_file,
     )
 
 
 def repository_engines(repo: Path) -> list[EngineSpec]:
-    """The engines a tensorrt-flavour repository needs, one per tensorrt_plan model."""
-    specs = []
-    for path in sorted(repo.glob("*/config.pbtxt")):
-        config = parse_pbtxt(path.read_text())
-        if config.platform == PLATFORM:
-            specs.append(engine_spec(config, path.parent / "1"))
+    """The engines a tensorrt-flavour repository needs: one per TensorRT model, found as the
+    serving check finds them (deploy/engine_check.py `tensorrt_models`)."""
+    specs = [
+        engine_spec(parse_pbtxt((model / "config.pbtxt").read_text()), model / "1", plan_file)
+        for model, plan_file in tensorrt_models(repo).items()
+    ]
     if not specs:
         raise ValueError(
             f"{repo}: no model with platform {PLATFORM!r}; export with --backend tensorrt"

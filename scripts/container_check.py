@@ -140,20 +140,10 @@ def raw_probabilities(url: str, tasks: Sequence[str]) -> dict[str, list[float]]:
     6 decimals of Triton's classification extension)."""
     import tritonclient.http as http
 
-    from client.triton_client import bytes_input
-    from export.spec import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT, probs_name
+    from client.triton_client import raw_probabilities as infer
 
-    inputs = [
-        bytes_input(http, IMAGE_INPUT, IMAGE_FILE.read_bytes()),
-        bytes_input(http, TEXT_INPUT, TEXT.encode()),
-    ]
-    outputs = [http.InferRequestedOutput(probs_name(task)) for task in tasks]
-    client = http.InferenceServerClient(url)
-    try:
-        result = client.infer(ENSEMBLE, inputs, outputs=outputs)
-    finally:
-        client.close()
-    return {task: result.as_numpy(probs_name(task))[0].tolist() for task in tasks}
+    got = infer(http, url, IMAGE_FILE.read_bytes(), TEXT, None, tasks)
+    return {task: probs.tolist() for task, probs in got.items()}
 
 
 def max_abs_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:

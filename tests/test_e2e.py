@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.triton_client import bytes_input
+from client.triton_client import bytes_input, raw_probabilities
 from deploy.server import EmbeddedServer, free_port
-from export.spec import CAPTION_INPUT, ENSEMBLE, IMAGE_INPUT, LABELS, TEXT_INPUT, probs_name
+from export.spec import ENSEMBLE, LABELS, TEXT_INPUT
 from tests.conftest import ROOT
 
 TASKS = ("task1", "task2", "task3")
@@ -49,19 +49,7 @@ POSTS = [
 
 def infer_raw(client_module, url: str, image: bytes, text: str, caption: str | None):
     """One request with tritonclient directly; returns the raw FP32 probabilities per task."""
-    def tensor(name: str, value: bytes):
-        return bytes_input(client_module, name, value)
-
-    inputs = [tensor(IMAGE_INPUT, image), tensor(TEXT_INPUT, text.encode())]
-    if caption is not None:
-        inputs.append(tensor(CAPTION_INPUT, caption.encode()))
-    outputs = [client_module.InferRequestedOutput(probs_name(t)) for t in TASKS]
-    client = client_module.InferenceServerClient(url)
-    try:
-        result = client.infer(ENSEMBLE, inputs, outputs=outputs)
-    finally:
-        client.close()
-    return {t: result.as_numpy(probs_name(t))[0] for t in TASKS}
+    return raw_probabilities(client_module, url, image, text, caption, TASKS)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

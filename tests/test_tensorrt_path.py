@@ -280,22 +280,18 @@ def test_onnxruntime_flavour_asks_for_the_tensorrt_accelerator() -> None:
             Deployment(**bad)  # type: ignore[arg-type]
 
 
-def _have_tensorrt_and_gpu() -> bool:
-    try:
-        require_tensorrt()
-        first_gpu()
-    except EngineBuildError:
-        return False
-    return True
-
-
 def _why_no_engine_build() -> str:
+    """Why engines cannot be built here ("" where TensorRT and a GPU are present)."""
     try:
         require_tensorrt()
         first_gpu()
     except EngineBuildError as exc:
         return str(exc)
     return ""
+
+
+def _have_tensorrt_and_gpu() -> bool:
+    return not _why_no_engine_build()
 
 
 @pytest.mark.gpu
