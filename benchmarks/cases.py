@@ -171,8 +171,12 @@ def invalid_cases(spec: PreprocessSpec, seed: int = 0) -> list[Case]:
             text,
             error="PDF document",
         ),  # fmt: skip
-        Case("postscript", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\nshowpage\n", text,
-             error="PostScript/EPS"),  # fmt: skip
+        Case(
+            "postscript",
+            b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\nshowpage\n",
+            text,
+            error="PostScript/EPS",
+        ),  # fmt: skip
         Case("format_not_allowed", ico(), text, error="not a recognised image format"),
         Case("text_as_image", b"/etc/passwd", text, error="image bytes are text"),
         Case("bad_utf8_text", good, b"caf\xe9 \xff", error="text is not valid UTF-8"),

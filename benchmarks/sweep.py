@@ -82,6 +82,7 @@ def best(rows: list[Row], budget_ms: float | None) -> Row | None:
 
 
 def markdown(rows: list[Row], chosen: Row | None, budget_ms: float | None, meta: dict) -> str:
+    budget = f"p99 <= {budget_ms} ms" if budget_ms is not None else "no p99 budget"
     lines = [
         "# Sweep: dynamic-batching queue delay x instances",
         "",
@@ -90,7 +91,7 @@ def markdown(rows: list[Row], chosen: Row | None, budget_ms: float | None, meta:
         f"- load: {rows[0]['protocol'] if rows else '-'}, closed loop at concurrency "
         f"{rows[0]['concurrency'] if rows else '-'}, {rows[0]['requests'] if rows else '-'} "
         "requests per configuration",
-        f"- p99 budget: {budget_ms if budget_ms is not None else 'none'} ms",
+        f"- latency budget: {budget}",
         f"- command: `{meta['command']}`",
         "",
         "| queue delay us | instances | intra-op threads | req/s | p50 ms | p90 ms | p99 ms "
@@ -112,7 +113,8 @@ def markdown(rows: list[Row], chosen: Row | None, budget_ms: float | None, meta:
     lines.append("")
     if chosen:
         lines.append(
-            f"Best for p99 <= {budget_ms} ms: max_queue_delay_us={chosen['max_queue_delay_us']}, "
+            f"Best ({budget}): "
+            f"max_queue_delay_us={chosen['max_queue_delay_us']}, "
             f"instances={chosen['instances']}, intra_op_threads={_threads(chosen)} "
             f"({chosen['throughput_rps']:.2f} req/s, "
             f"p99 {chosen['p99_ms']:.1f} ms)."

@@ -143,7 +143,6 @@ class GraphSpec:
         return [t.name for t in self.outputs]
 
 
-
 # --------------------------------------------------------------------------- encoder families
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy  # the TensorRT path against tensorrt-stubs (pyproject.toml [tool.mypy])
 .venv/bin/python scripts/audit.py
 exec .venv/bin/python -m pytest -q "$@"

@@ -117,7 +117,7 @@ def test_sweep_picks_a_configuration_within_the_budget_and_applies_it(
         best["max_queue_delay_us"], best["instances"],
     )  # fmt: skip
     assert after.max_batch_size == before.max_batch_size
-    assert "Best for p99" in (out / "sweep.md").read_text()
+    assert "Best (p99 <=" in (out / "sweep.md").read_text()
 
 
 def test_sweep_with_an_unmeetable_budget_applies_nothing(tiny_repo: Path, tmp_path: Path) -> None:

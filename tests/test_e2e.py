@@ -80,8 +80,10 @@ def test_64_concurrent_requests_each_get_their_own_answer(server) -> None:
     import tritonclient.grpc as grpc
     import tritonclient.http as http
 
-    posts = [(make_image(100 + i, (64 + i, 80)), f"post number {i} about the flood", None)
-             for i in range(64)]
+    posts = [
+        (make_image(100 + i, (64 + i, 80)), f"post number {i} about the flood", None)
+        for i in range(64)
+    ]
     alone = [infer_raw(http, server.url_http, *p) for p in posts]
 
     def send(i: int):
@@ -132,15 +134,28 @@ def test_bad_requests_fail_alone_and_the_server_stays_ready(server) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_cli_json_is_one_object_with_server_labels(server, reference, tmp_path: Path,
-                                                   protocol: str) -> None:
+def test_cli_json_is_one_object_with_server_labels(
+    server, reference, tmp_path: Path, protocol: str
+) -> None:
     image = tmp_path / "post.jpg"
     image.write_bytes(make_image(9))
     url = server.url_http if protocol == "http" else server.url_grpc
     done = subprocess.run(
-        [sys.executable, str(ROOT / "client" / "classify.py"), str(image),
-         "Bridge collapsed #quake", "--json", "--protocol", protocol, "--url", url],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            str(ROOT / "client" / "classify.py"),
+            str(image),
+            "Bridge collapsed #quake",
+            "--json",
+            "--protocol",
+            protocol,
+            "--url",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     answer = json.loads(done.stdout)
     assert "warning: the served model has RANDOM weights" in done.stderr
@@ -157,8 +172,17 @@ def test_cli_rejected_image_is_one_line_and_nonzero(server, tmp_path: Path) -> N
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "client" / "classify.py"), str(bad), "text",
-         "--url", server.url_http], capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            str(ROOT / "client" / "classify.py"),
+            str(bad),
+            "text",
+            "--url",
+            server.url_http,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if ": warning: " not in line]

@@ -26,8 +26,15 @@ SKIP = _open_clip_importable()
 @pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 def test_openclip_random_export_is_verified(tmp_path: Path) -> None:
     """ViT-B-32 architecture from open_clip's own config: width-768 image, width-512 text."""
-    args = ["--encoders", "openclip:ViT-B-32:", "--random-weights", "--tasks", "task1",
-            "--out", str(tmp_path)]
+    args = [
+        "--encoders",
+        "openclip:ViT-B-32:",
+        "--random-weights",
+        "--tasks",
+        "task1",
+        "--out",
+        str(tmp_path),
+    ]
     assert run_export(*args) == 0
     report = json.loads((tmp_path / "export_report.json").read_text())
     assert report["passed"] and report["encoder_config"] == "openclip:ViT-B-32"

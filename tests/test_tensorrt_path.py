@@ -268,9 +268,7 @@ def test_onnxruntime_flavour_asks_for_the_tensorrt_accelerator() -> None:
     )[TEXT_ENCODER]
     [accel] = cuda.optimization.execution_accelerators.gpu_execution_accelerator
     assert accel.name == "cuda" and dict(accel.parameters) == {"a": "1"}
-    assert not all_configs(specs, Deployment("onnxruntime"))[IMAGE_ENCODER].HasField(
-        "optimization"
-    )
+    assert not all_configs(specs, Deployment("onnxruntime"))[IMAGE_ENCODER].HasField("optimization")
     for bad in (
         {"backend": "python", "ort_accelerator": "tensorrt"},
         {"backend": "onnxruntime", "ort_accelerator": "openvino"},
