@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from export.cpus import usable_cpus
+
 
 def _cpuinfo() -> dict[str, str]:
     """First processor block of /proc/cpuinfo (empty off Linux)."""
@@ -66,11 +68,9 @@ def _version(dist: str) -> str | None:
 
 
 def cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """CPU cores this process may use (affinity mask and cgroup CPU quota, not the host's count):
+    the count the python flavour's compute models size their thread pools by."""
+    return usable_cpus()
 
 
 def describe(tritonserver_version: str | None = None) -> dict[str, Any]:

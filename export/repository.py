@@ -3,7 +3,8 @@
 Layout (`<model>/config.pbtxt` + `<model>/1/...`):
   crisis_classifier/       ensemble (1/ is empty)
   preprocess/1/            model.py, crisis_preprocess.py, preprocess.json, the BPE vocabulary
-  image_encoder/1/         model.onnx (+ model.py in the python flavour; model.plan for tensorrt)
+  image_encoder/1/         model.onnx (+ model.py, crisis_cpus.py in the python flavour;
+                           model.plan for tensorrt)
   text_encoder/1/          same
   fusion_head/             labels_<task>.txt beside config.pbtxt; 1/ as the encoders
   requirements.txt         the Python packages the python models import
@@ -16,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+from export import cpus as cpus_module
 from export import preprocess as preprocess_module
 from export.preprocess import DEFAULT_ASSETS, PreprocessSpec
 from export.spec import LABELS, PREPROCESS, ModelSpecs, label_file
@@ -29,6 +31,7 @@ from export.triton_config import (
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 PREPROCESS_MODULE = "crisis_preprocess.py"
+CPUS_MODULE = "crisis_cpus.py"  # beside each python-flavour compute model
 PREPROCESS_JSON = "preprocess.json"
 VERSION = "1"
 # Packages the python-backend models import (a stock Triton container has numpy already).
@@ -94,8 +97,10 @@ def write_repository(
         version.mkdir(parents=True, exist_ok=True)
         if dep.backend == "python":
             shutil.copyfile(TEMPLATES / "onnx_model.py", version / "model.py")
+            shutil.copyfile(cpus_module.__file__, version / CPUS_MODULE)
         else:
             (version / "model.py").unlink(missing_ok=True)
+            (version / CPUS_MODULE).unlink(missing_ok=True)
     for task in specs.tasks:
         (repo / specs.head.name / label_file(task)).write_text("\n".join(LABELS[task]) + "\n")
     labels = {task: list(LABELS[task]) for task in specs.tasks}

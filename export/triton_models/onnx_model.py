@@ -6,32 +6,12 @@ file holds no tensor names. A dynamic batch of requests is concatenated, run onc
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
-
-
-def usable_cpus():
-    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container's or a
-    pod's CPU limit), which os.cpu_count() ignores (it reports the node's cores)."""
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    count = count or 1
-    try:  # cgroup v2: "max 100000" or "<quota> <period>"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        try:  # cgroup v1
-            quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            if quota > 0 and period > 0:
-                count = min(count, max(1, -(-quota // period)))
-        except (OSError, ValueError):
-            pass
-    return count
+from crisis_cpus import usable_cpus  # export/cpus.py, copied beside this file
 
 
 class TritonPythonModel:
