@@ -336,6 +336,19 @@ def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
         pytest.fail(f"no ready line within {timeout} s")
 
 
+def ready_then_sigterm(proc: subprocess.Popen[str]) -> tuple[str, str, str]:
+    """serve.py's ready line, then SIGTERM: (ready line, rest of stdout, stderr); killed if it
+    does not stop."""
+    try:
+        line = first_line(proc, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return line, out, err
+
+
 def port_args(chosen: dict[str, int]) -> list[str]:
     return [f"--{key.replace('_', '-')}={value}" for key, value in chosen.items()]
 
@@ -344,19 +357,13 @@ def port_args(chosen: dict[str, int]) -> list[str]:
 def test_serve_cli_ready_line_and_sigterm(tmp_path: Path) -> None:
     chosen = ports()
     proc = serve("--model-repository", str(make_repo(tmp_path)), *port_args(chosen))
-    try:
-        line = first_line(proc, timeout=60)
-        h, g, m = chosen["http_port"], chosen["grpc_port"], chosen["metrics_port"]
-        assert re.fullmatch(
-            rf"crisis_classifier ready on http://127\.0\.0\.1:{h} grpc 127\.0\.0\.1:{g} "
-            rf"metrics http://127\.0\.0\.1:{m}/metrics \(ready in \d+\.\d s\)\n",
-            line,
-        ), line
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    line, out, err = ready_then_sigterm(proc)
+    h, g, m = chosen["http_port"], chosen["grpc_port"], chosen["metrics_port"]
+    assert re.fullmatch(
+        rf"crisis_classifier ready on http://127\.0\.0\.1:{h} grpc 127\.0\.0\.1:{g} "
+        rf"metrics http://127\.0\.0\.1:{m}/metrics \(ready in \d+\.\d s\)\n",
+        line,
+    ), line
     assert proc.returncode == 0, err
     assert out == "" and "Traceback" not in err
     assert "Started HTTPService" not in err  # the log stays in its file unless --echo-log
@@ -368,14 +375,8 @@ def test_serve_cli_echo_log_copies_the_server_log_to_stderr(tmp_path: Path) -> N
     log = tmp_path / "triton.log"
     proc = serve("--model-repository", str(make_repo(tmp_path)), *port_args(ports()),
                  "--log-file", str(log), "--echo-log")  # fmt: skip
-    try:
-        line = first_line(proc, timeout=60)
-        assert line.startswith("crisis_classifier ready on ")  # stdout: the ready line only
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    line, out, err = ready_then_sigterm(proc)
+    assert line.startswith("crisis_classifier ready on ")  # stdout: the ready line only
     assert proc.returncode == 0, err
     assert out == "" and "Started HTTPService" in err and "Started GRPCInferenceService" in err
     assert "Started HTTPService" in log.read_text()
