@@ -364,6 +364,9 @@ def _prepend(entry: str, path_list: str) -> str:
 # --------------------------------------------------------------------------- repository
 
 
+EXPORT_REPORT = "export_report.json"
+
+
 def _refusal(name: str, what: str) -> RepositoryError:
     return RepositoryError(
         f"model '{name}' needs {what}, which the embedded tritonserver (nvidia-pytriton) lacks: "
@@ -389,6 +392,7 @@ def check_repository(repo: PathLike) -> list[str]:
     root = Path(repo)
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} is not a directory")
+    _check_export_report(root)
     configs: dict[str, ModelConfig] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         name = folder.name
@@ -413,6 +417,25 @@ def check_repository(repo: PathLike) -> list[str]:
                     f"which is not in the repository {root}"
                 )
     return sorted(configs)
+
+
+def _check_export_report(root: Path) -> None:
+    """A repository whose export_report.json says the export failed is not served (exports are
+    atomic now, but a repository written by an older exporter or copied by hand may be one)."""
+    import json
+
+    report = root / EXPORT_REPORT
+    if not report.is_file():
+        return
+    try:
+        passed = json.loads(report.read_text(encoding="utf-8")).get("passed")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RepositoryError(f"{report} is unreadable ({exc}); re-export the repository") from None
+    if passed is not True:
+        raise RepositoryError(
+            f"{report} says the export FAILED its verification: refusing to serve {root}; "
+            "export again (export.py prints what failed)"
+        )
 
 
 def _check_model(folder: Path, config: ModelConfig) -> None:

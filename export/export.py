@@ -10,6 +10,12 @@ Examples:
   # pretrained CLIP from a local folder + head weights per task
   python export/export.py --encoders hf:/models/clip-vit-base-patch32 \\
       --head-weights task1=head_task1.pt --out model_repository
+  # INT8 encoders (or bf16, or auto: the fastest that passes), gated on your own posts
+  python export/export.py --checkpoint task1=... --precision auto --eval-posts posts.csv \\
+      --out model_repository
+
+The repository is built and verified in a staging folder beside --out and moved into place only
+when every check passed: a failed, interrupted or killed export leaves --out as it was.
 
 Exit status: 0 when every verification passed, 1 when one failed, 2 for bad arguments or inputs.
 """
@@ -20,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +36,8 @@ if __package__ in (None, ""):  # run as `python export/export.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.engine_profile import PRECISIONS  # noqa: E402
+from export.precision import PRECISION_CHOICES  # noqa: E402
+from export.precision_gate import DEFAULT_MIN_AGREEMENT  # noqa: E402
 from export.preprocess import PreprocessSpec  # noqa: E402
 from export.spec import (  # noqa: E402
     ALL_TASKS,
@@ -130,10 +139,47 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
     out = p.add_argument_group("output")
     out.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=None,
+        help="what the encoders compute in (default fp32). int8: ONNX Runtime's quantization "
+        "(head FP32); bf16: OpenVINO on CPUs with AMX or AVX-512 BF16; fp16: FP16 graphs (GPU); "
+        "auto: every precision this machine runs, gated, timed at the deployment's batch "
+        "sizes, the fastest that passes written. Reduced precisions pass the gate below or "
+        "nothing is written",
+    )
+    out.add_argument(
         "--fp16",
         action="store_true",
-        help="export FP16 graphs (FP32 inputs/outputs), verified with the FP16 "
-        "tolerance and top-1 agreement",
+        help="alias of --precision fp16: FP16 graphs (FP32 inputs/outputs), verified with "
+        "the FP16 tolerance and top-1 agreement",
+    )
+    gate = p.add_argument_group("precision gate (int8, bf16, fp16, auto)")
+    gate.add_argument(
+        "--eval-posts",
+        type=Path,
+        metavar="FILE.csv",
+        help="your own posts (header image,text[,caption]; image paths relative to the file): "
+        "the reduced precision must agree with FP32 on them. Without it: synthetic posts "
+        "(the report says so)",
+    )
+    gate.add_argument(
+        "--min-agreement",
+        type=float,
+        default=DEFAULT_MIN_AGREEMENT,
+        help="top-1 agreement with FP32 each task must reach (default %(default)s)",
+    )
+    gate.add_argument(
+        "--gate-posts",
+        type=int,
+        default=96,
+        help="synthetic posts when --eval-posts is not given (default %(default)s)",
+    )
+    gate.add_argument(
+        "--int8-reduce-range",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="7-bit INT8 weights: auto = on only where the CPU lacks VNNI/AMX (default)",
     )
     out.add_argument(
         "--backend",
@@ -401,9 +447,10 @@ def _end_to_end_check(specs, enc, head, preprocess_spec, model_files: dict[str, 
     }
 
 
-def _build_engines(args: argparse.Namespace) -> bool:
-    """The tensorrt flavour: build and verify the engines here when TensorRT and a GPU are
-    present, else say how to finish on the GPU machine (the ONNX files and configs are written)."""
+def _build_engines(args: argparse.Namespace, repo: Path) -> bool:
+    """The tensorrt flavour: build and verify the engines in `repo` (the staged repository) when
+    TensorRT and a GPU are present, else say how to finish on the GPU machine (the ONNX files and
+    configs are written)."""
     from export import build_engines
     from export.tensorrt_build import EngineBuildError, first_gpu, require_tensorrt
 
@@ -420,27 +467,57 @@ def _build_engines(args: argparse.Namespace) -> bool:
             f"release:\n  {finish}\n  (trtexec instead: add --print-trtexec)"
         )
         return True
-    return build_engines.main([str(args.out), "--precision", args.engine_precision]) == 0
+    return build_engines.main([str(repo), "--precision", args.engine_precision]) == 0
+
+
+def _precision(args: argparse.Namespace) -> str:
+    if args.fp16 and args.precision not in (None, "fp16"):
+        raise UsageError(f"--fp16 is --precision fp16; it contradicts --precision {args.precision}")
+    return "fp16" if args.fp16 else (args.precision or "fp32")
+
+
+def _deployment(args: argparse.Namespace, precision: str) -> Deployment:
+    from export.precision import AUTO_CANDIDATES
+    from export.triton_config import FLAVOUR_PRECISIONS
+
+    if precision == "auto":  # decided by measurement; configs are rewritten with the winner
+        served = FLAVOUR_PRECISIONS.get(args.backend, ())
+        precision = next((p for p in AUTO_CANDIDATES if p in served), "fp32")
+    return Deployment(
+        backend=args.backend,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        preferred_batch_sizes=tuple(args.preferred_batch_size or ()),
+        compute_instances=args.instances,
+        preprocess_instances=args.preprocess_instances,
+        ort_accelerator=args.ort_accelerator or "",
+        ort_options=_key_values(args.ort_option or [], "--ort-option"),
+        precision=precision,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    from export.precision import check_requested
+    from export.precision_gate import EvalPostsError, read_eval_posts
+
     try:
-        dep = Deployment(
-            backend=args.backend,
-            max_batch_size=args.max_batch_size,
-            max_queue_delay_us=args.max_queue_delay_us,
-            preferred_batch_sizes=tuple(args.preferred_batch_size or ()),
-            compute_instances=args.instances,
-            preprocess_instances=args.preprocess_instances,
-            ort_accelerator=args.ort_accelerator or "",
-            ort_options=_key_values(args.ort_option or [], "--ort-option"),
-        )
-    except (ValueError, UsageError) as exc:
+        precision = _precision(args)
+        dep = _deployment(args, precision)
+        refused = check_requested(precision, dep)
+        if refused:
+            raise UsageError(f"--precision {precision}: {refused}")
+        if not 0.0 < args.min_agreement <= 1.0:
+            raise UsageError("--min-agreement must lie in (0, 1]")
+        if args.eval_posts is not None:
+            if precision == "fp32":
+                raise UsageError("--eval-posts feeds the precision gate: add --precision")
+            read_eval_posts(args.eval_posts)  # unreadable posts fail before the slow model load
+    except (ValueError, UsageError, EvalPostsError) as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
         return 2
-    from export.repository import model_file, write_repository
+    from export.repository import write_repository
     from export.spec import load_encoder_config
 
     if args.configs_only:
@@ -463,10 +540,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if enc.random_weights:
         print(RANDOM_BANNER, file=sys.stderr)
+    from export.publish import discard, publish, staging_dir
+
+    stage = staging_dir(args.out)
+    work = stage.with_name(stage.name + "-work")
+    # SIGTERM unwinds like Ctrl-C, so the staging folder goes too; SIGKILL leaves it beside
+    # --out (never in it), and the next export of the same --out removes it.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        passed, summary = _export(args, stage, work, dep, precision, enc, heads, provenance,
+                                  preprocess_spec, started)  # fmt: skip
+        if passed:
+            publish(stage, args.out)
+    finally:
+        discard(stage)
+        discard(work)
+        signal.signal(signal.SIGTERM, previous)
+    if passed:
+        print(f"PASSED: report in {args.out / 'export_report.json'} ({summary['seconds']} s)")
+    else:
+        print(
+            f"FAILED ({summary['seconds']} s): nothing written; {args.out} is as it was "
+            "(the figures are above)"
+        )
+    if enc.random_weights:
+        print(RANDOM_BANNER, file=sys.stderr)
+    return 0 if passed else 1
+
+
+def _export(
+    args: argparse.Namespace,
+    stage: Path,
+    work: Path,
+    dep: Deployment,
+    precision: str,
+    enc,
+    heads: dict,
+    provenance: dict,
+    preprocess_spec: PreprocessSpec,
+    started: float,
+) -> tuple[bool, dict]:
+    """Export, verify, gate and report into the staging folder `stage`. -> (passed, report)."""
     import torch
 
     from export.head import build_multitask_head
     from export.onnx_export import OPSET, export_graph
+    from export.repository import model_file, write_repository
     from export.sample_inputs import fixed_inputs
     from export.validate import validate_graph
 
@@ -477,24 +596,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         + [f"encoders: {enc.description}"]
         + [f"{t}: {p}" for t, p in provenance.items()]
     )
-    write_repository(args.out, specs, dep, preprocess_spec, weights)
+    write_repository(stage, specs, dep, preprocess_spec, weights)
     print(f"encoders: {enc.description}; tasks: {', '.join(specs.tasks)}")
     modules = {
         specs.image_encoder.name: enc.image,
         specs.text_encoder.name: enc.text,
         specs.head.name: head,
     }
+    fp16 = precision == "fp16"
     reports, files = [], {}
     for graph in specs.onnx_graphs:
         t0 = time.perf_counter()
         example = tuple(
             torch.from_numpy(a) for a in fixed_inputs(graph, 2, 0, enc.config.vocab_size).values()
         )
-        target = model_file(args.out, graph.name, dep).with_name(ONNX_FILE)
-        export_graph(modules[graph.name], graph, example, target, fp16=args.fp16)
+        target = model_file(stage, graph.name, dep).with_name(ONNX_FILE)
+        export_graph(modules[graph.name], graph, example, target, fp16=fp16)
         files[graph.name] = target
         report = validate_graph(
-            modules[graph.name], graph, target, fp16=args.fp16, vocab_size=enc.config.vocab_size
+            modules[graph.name], graph, target, fp16=fp16, vocab_size=enc.config.vocab_size
         )
         size_mb = sum(f.stat().st_size for f in target.parent.glob("model.onnx*")) / 2**20
         print(f"{graph.name}: exported in {time.perf_counter() - t0:.1f} s, {size_mb:.1f} MiB")
@@ -509,10 +629,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     e2e = _end_to_end_check(specs, enc, head, check_spec, files) if passed else None
     if e2e:
         print(f"end to end (preprocess -> ONNX vs PyTorch): {e2e}")
+    gate_report = None
+    if passed and precision != "fp32":
+        outcome = _reduce(args, work, specs, dep, precision, files, modules, check_spec, enc)
+        gate_report = outcome.report()
+        if outcome.chosen is None:
+            passed = False
+        else:
+            from export.precision import dep_for, install
+
+            install(files, outcome.chosen)
+            dep = dep_for(dep, outcome.chosen.precision)
+            write_repository(stage, specs, dep, preprocess_spec, weights)  # configs of the winner
+            print(f"precision: {outcome.chosen.precision} ({outcome.chosen.verdict})")
     import onnx
     import onnxruntime
     import transformers
 
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+    if gate_report is not None:
+        import importlib.metadata
+
+        try:
+            versions["openvino"] = importlib.metadata.version("openvino")
+        except importlib.metadata.PackageNotFoundError:
+            versions["openvino"] = None
     summary = {
         "passed": passed,
         "random_weights": enc.random_weights,
@@ -521,36 +668,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         "encoder_config": enc.config.name,
         "heads": provenance,
         "tasks": list(specs.tasks),
-        "precision": "fp16" if args.fp16 else "fp32",
+        "precision": dep.precision,
+        "runtimes": {g.name: _runtime_of(dep, g.name) for g in specs.onnx_graphs},
+        "precision_gate": gate_report,
         "engine_precision": args.engine_precision if args.backend == "tensorrt" else None,
         "backend": args.backend,
         "opset": OPSET,
         "files": {
-            n: {"path": str(p.relative_to(args.out)), "bytes": p.stat().st_size}
+            n: {"path": str(p.relative_to(stage)), "bytes": p.stat().st_size}
             for n, p in files.items()
         },
         "graphs": [r.to_dict() for r in reports],
         "end_to_end": e2e,
         "seconds": round(time.perf_counter() - started, 1),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions,
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
     }
-    (args.out / "export_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (stage / "export_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.backend == "tensorrt" and passed:
-        passed = _build_engines(args)
-    print(
-        f"{'PASSED' if passed else 'FAILED'}: report in {args.out / 'export_report.json'} "
-        f"({summary['seconds']} s)"
-    )
-    if enc.random_weights:
-        print(RANDOM_BANNER, file=sys.stderr)
-    return 0 if passed else 1
+        passed = _build_engines(args, stage)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return passed, summary
+
+
+def _runtime_of(dep: Deployment, graph: str) -> str:
+    from export.runtimes import RUNTIME_OF
+
+    if dep.backend == "python":
+        return RUNTIME_OF[dep.graph_precision(graph)] + " (python backend)"
+    return {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}[
+        dep.backend
+    ] + " (Triton backend)"
+
+
+def _reduce(args, work, specs, dep, precision, files, modules, check_spec, enc):
+    """The gate (and for auto, the timing) of the reduced precisions; fp16 graphs are gated
+    against an FP32 export of the same modules, written to the work folder."""
+    from export import precision as reduce
+
+    fp32_files, fp16_files = dict(files), None
+    if precision == "fp16":
+        import torch
+
+        from export.onnx_export import export_graph
+        from export.sample_inputs import fixed_inputs
+
+        fp16_files = dict(files)
+        for graph in specs.onnx_graphs:
+            example = tuple(
+                torch.from_numpy(a)
+                for a in fixed_inputs(graph, 2, 0, enc.config.vocab_size).values()
+            )
+            target = work / "fp32" / graph.name / ONNX_FILE
+            fp32_files[graph.name] = export_graph(modules[graph.name], graph, example, target)
+    reduce_range = {"auto": None, "on": True, "off": False}[args.int8_reduce_range]
+    return reduce.run(
+        work, specs, dep, fp32_files, check_spec, precision,
+        eval_posts=args.eval_posts, synthetic_count=args.gate_posts, seed=args.seed,
+        min_agreement=args.min_agreement, reduce_range=reduce_range, fp16_files=fp16_files,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

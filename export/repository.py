@@ -19,6 +19,7 @@ from pathlib import Path
 
 from export import cpus as cpus_module
 from export import preprocess as preprocess_module
+from export import runtimes as runtimes_module
 from export.preprocess import DEFAULT_ASSETS, PreprocessSpec
 from export.spec import LABELS, PREPROCESS, ModelSpecs, label_file
 from export.triton_config import (
@@ -32,12 +33,14 @@ from export.triton_config import (
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 PREPROCESS_MODULE = "crisis_preprocess.py"
 CPUS_MODULE = "crisis_cpus.py"  # beside each python-flavour compute model
+RUNTIMES_MODULE = "crisis_runtimes.py"  # beside each python-flavour compute model
 PREPROCESS_JSON = "preprocess.json"
 VERSION = "1"
 # Packages the python-backend models import (a stock Triton container has numpy already).
 REQUIREMENTS = {
     "preprocess": ["numpy", "pillow>=10", "tokenizers>=0.20"],
     "python": ["onnxruntime>=1.18"],
+    "openvino_in_python": ["openvino>=2024.4"],  # python flavour, bf16 (OpenVINO in the model)
 }
 
 
@@ -98,14 +101,20 @@ def write_repository(
         if dep.backend == "python":
             shutil.copyfile(TEMPLATES / "onnx_model.py", version / "model.py")
             shutil.copyfile(cpus_module.__file__, version / CPUS_MODULE)
+            shutil.copyfile(runtimes_module.__file__, version / RUNTIMES_MODULE)
         else:
-            (version / "model.py").unlink(missing_ok=True)
-            (version / CPUS_MODULE).unlink(missing_ok=True)
+            for name in ("model.py", CPUS_MODULE, RUNTIMES_MODULE):
+                (version / name).unlink(missing_ok=True)
     for task in specs.tasks:
         (repo / specs.head.name / label_file(task)).write_text("\n".join(LABELS[task]) + "\n")
     labels = {task: list(LABELS[task]) for task in specs.tasks}
     (repo / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     reqs = REQUIREMENTS["preprocess"] + REQUIREMENTS.get(dep.backend, [])
+    if dep.backend == "python" and any(
+        runtimes_module.RUNTIME_OF[dep.graph_precision(g.name)] == runtimes_module.OPENVINO
+        for g in specs.onnx_graphs
+    ):
+        reqs += REQUIREMENTS["openvino_in_python"]
     (repo / "requirements.txt").write_text("\n".join(reqs) + "\n")
 
 

@@ -69,6 +69,8 @@ HEAD = "fusion_head"
 # Ensemble config parameter telling clients where the weights came from ("RANDOM ..." when random).
 WEIGHTS_PARAMETER = "weights"
 RANDOM_WEIGHTS_NOTE = "RANDOM weights: for tests and demos, predictions are meaningless"
+# Ensemble config parameter naming the encoders' precision when it is not fp32 (int8, bf16, fp16).
+PRECISION_PARAMETER = "precision"
 
 # Ensemble / preprocess request inputs (raw post).
 IMAGE_INPUT = "image"

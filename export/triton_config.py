@@ -13,14 +13,44 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from deploy.engine_check import ONNX_FILE, PLAN_FILE, PLATFORM
-from export.spec import WEIGHTS_PARAMETER, GraphSpec, ModelSpecs, TensorSpec, label_file
+from export.runtimes import OPENVINO, PRECISIONS, RUNTIME_OF
+from export.spec import (
+    HEAD,
+    PRECISION_PARAMETER,
+    WEIGHTS_PARAMETER,
+    GraphSpec,
+    ModelSpecs,
+    TensorSpec,
+    label_file,
+)
 
-BACKENDS = ("python", "onnxruntime", "tensorrt")
+BACKENDS = ("python", "onnxruntime", "tensorrt", "openvino")
 # Model file and platform/backend of the compute models (encoders, head) per flavour.
 FLAVOURS: dict[str, dict[str, str]] = {
     "python": {"backend": "python", "model_file": ONNX_FILE},
     "onnxruntime": {"platform": "onnxruntime_onnx", "model_file": ONNX_FILE},
     "tensorrt": {"platform": PLATFORM, "model_file": PLAN_FILE},
+    # Triton's OpenVINO backend reads the ONNX file itself (default_model_filename model.onnx).
+    "openvino": {"backend": "openvino", "model_file": ONNX_FILE},
+}
+# The precisions each flavour can serve on CPU. Triton's OpenVINO backend has one precision switch,
+# HINT_BF16 (openvino_backend README); without it OpenVINO picks bf16 by itself on CPUs with native
+# bf16, so an fp32 promise could not be kept there: the flavour serves bf16 only.
+FLAVOUR_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "python": PRECISIONS,
+    "onnxruntime": ("fp32", "fp16", "int8"),
+    "tensorrt": ("fp32", "fp16"),
+    "openvino": ("bf16",),
+}
+# Triton's OpenVINO backend (openvino_backend README, "Parameters"): one stream and the latency
+# hint (Triton's batcher forms the batches). The backend fixes the batch to max_batch_size
+# (ov::set_batch), so every batch is padded to it: ENABLE_BATCH_PADDING, and preferred batch
+# size = max_batch_size unless set (README "openvino flavour").
+OPENVINO_PARAMETERS: dict[str, str] = {
+    "NUM_STREAMS": "1",
+    "PERFORMANCE_HINT": "LATENCY",
+    "ENABLE_BATCH_PADDING": "YES",
+    "HINT_BF16": "YES",
 }
 
 
@@ -74,10 +104,18 @@ class Deployment:
     # ort_options add to or override the accelerator's parameters (ORT_ACCELERATOR_DEFAULTS).
     ort_accelerator: str = ""
     ort_options: dict[str, str] = field(default_factory=dict)
+    # What the encoders compute in (runtimes.PRECISIONS); the head stays FP32 but for fp16
+    # graphs (and in the openvino flavour, which cannot force f32: FLAVOUR_PRECISIONS).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; known: {BACKENDS}")
+        if self.precision not in FLAVOUR_PRECISIONS[self.backend]:
+            raise ValueError(
+                f"the {self.backend} flavour serves {list(FLAVOUR_PRECISIONS[self.backend])}, "
+                f"not {self.precision!r}"
+            )
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if any(b < 1 or b > self.max_batch_size for b in self.preferred_batch_sizes):
@@ -98,8 +136,16 @@ class Deployment:
 
     @property
     def kind(self) -> str:
-        device = self.device or ("cpu" if self.backend == "python" else "gpu")
+        cpu_only = self.backend in ("python", "openvino") or self.precision in ("int8", "bf16")
+        device = self.device or ("cpu" if cpu_only else "gpu")
         return "KIND_GPU" if device == "gpu" else "KIND_CPU"
+
+    def graph_precision(self, graph: str) -> str:
+        """The precision one compute graph runs in: the encoders the deployment's; the head FP32
+        (about 3% of the work) unless the graphs are FP16 or the flavour cannot run FP32."""
+        if graph != HEAD or self.precision == "fp16" or self.backend == "openvino":
+            return self.precision
+        return "fp32"
 
 
 def _tensor(t: TensorSpec, with_labels: bool = False) -> dict:
@@ -146,13 +192,26 @@ def compute_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.ModelCo
         "dynamic_batching": _batching(dep),
         "instance_group": [{"kind": dep.kind, "count": dep.compute_instances}],
     }
-    if "backend" in flavour:
+    precision = dep.graph_precision(spec.name)
+    if dep.backend == "python":
         config["backend"] = flavour["backend"]
         config["parameters"] = {
             "onnx_file": {"string_value": flavour["model_file"]},
             "intra_op_num_threads": {"string_value": str(dep.intra_op_threads)},
             "intra_op_spinning": {"string_value": str(int(dep.intra_op_spinning))},
+            # export/runtimes.py opens the graph on this runtime in this precision
+            "runtime": {"string_value": RUNTIME_OF[precision]},
+            "precision": {"string_value": precision},
         }
+    elif dep.backend == "openvino":
+        config["backend"] = OPENVINO
+        config["default_model_filename"] = flavour["model_file"]
+        parameters = dict(OPENVINO_PARAMETERS)
+        if dep.intra_op_threads:
+            parameters["INFERENCE_NUM_THREADS"] = str(dep.intra_op_threads)
+        config["parameters"] = {k: {"string_value": v} for k, v in parameters.items()}
+        if not dep.preferred_batch_sizes:  # every batch runs padded to max_batch_size
+            config["dynamic_batching"]["preferred_batch_size"] = [dep.max_batch_size]
     else:
         config["platform"] = flavour["platform"]
         config["default_model_filename"] = flavour["model_file"]
@@ -205,6 +264,8 @@ def ensemble_config(
 
     ens = specs.ensemble
     parameters = {WEIGHTS_PARAMETER: {"string_value": weights}} if weights else {}
+    if dep.precision != "fp32":  # clients and benchmarks read what the encoders compute in
+        parameters[PRECISION_PARAMETER] = {"string_value": dep.precision}
     return _to_proto(
         {
             "parameters": parameters,

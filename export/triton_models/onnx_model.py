@@ -1,17 +1,19 @@
-"""Triton python-backend model that serves one ONNX graph with ONNX Runtime (CPU).
+"""Triton python-backend model that serves one ONNX graph on CPU: ONNX Runtime (fp32, fp16,
+int8 graphs) or OpenVINO (bf16), as the config's `runtime` and `precision` parameters say.
 
-For a tritonserver without the onnxruntime backend (the one in the `nvidia-pytriton` wheel). Names,
-dtypes and the ONNX file come from this model's config.pbtxt (generated from export/spec.py); this
-file holds no tensor names. A dynamic batch of requests is concatenated, run once, and split back.
+For a tritonserver without the onnxruntime/openvino backends (the one in the `nvidia-pytriton`
+wheel). Names, dtypes and the ONNX file come from this model's config.pbtxt (generated from
+export/spec.py); this file holds no tensor names. A dynamic batch of requests is concatenated, run
+once, and split back. A precision this machine cannot run fails the load with the reason.
 """
 
 import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 from crisis_cpus import usable_cpus  # export/cpus.py, copied beside this file
+from crisis_runtimes import RuntimeRefused, open_session  # export/runtimes.py, copied beside
 
 
 class TritonPythonModel:
@@ -24,17 +26,21 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_num_threads", "0"))
         if threads <= 0:
             threads = max(1, usable_cpus() // instances)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        spinning = params.get("intra_op_spinning", "0")
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         path = Path(args["model_repository"]) / args["model_version"] / params["onnx_file"]
         if not path.is_file():
             raise pb_utils.TritonModelException(f"ONNX file not found: {path}")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        graph_inputs = [i.name for i in self.session.get_inputs()]
+        precision = params.get("precision", "fp32")
+        try:
+            self.session = open_session(
+                path,
+                precision,
+                runtime=params.get("runtime") or None,
+                threads=threads,
+                spinning=params.get("intra_op_spinning", "0") == "1",
+            )
+        except RuntimeRefused as exc:
+            raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from None
+        graph_inputs = self.session.input_names
         if sorted(graph_inputs) != sorted(self.input_names):
             raise pb_utils.TritonModelException(
                 f"{path.name} inputs {graph_inputs} differ from config.pbtxt {self.input_names}"
@@ -48,9 +54,10 @@ class TritonPythonModel:
         sizes = [a.shape[0] for a in columns[self.input_names[0]]]
         feed = {name: np.concatenate(arrays) for name, arrays in columns.items()}
         try:
-            results = self.session.run(self.output_names, feed)
+            results = self.session.run(feed)
+            results = [results[self.session.output_names.index(n)] for n in self.output_names]
         except Exception as exc:  # one failed run fails this batch's requests, not the server
-            error = pb_utils.TritonError(f"ONNX Runtime failed: {exc}")
+            error = pb_utils.TritonError(f"{self.session.runtime} failed: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         responses = []
         start = 0

@@ -32,3 +32,44 @@ def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
         except (OSError, ValueError):
             pass
     return count
+
+
+CPUINFO = Path("/proc/cpuinfo")
+# The flags that decide which reduced precision runs natively (recorded beside every number).
+PRECISION_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+    "amx_tile", "amx_int8", "amx_bf16",
+)  # fmt: skip
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset:
+    """The first processor's flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "flags":
+                return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_class(flags: frozenset) -> str:
+    """'amx' (AMX int8/bf16 tiles), 'vnni' (AVX-512 VNNI or AVX-VNNI, no AMX), 'avx2', or 'other':
+    the classes the INT8/BF16 speed-up targets are set for."""
+    if "amx_int8" in flags or "amx_bf16" in flags:
+        return "amx"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "vnni"
+    return "avx2" if "avx2" in flags else "other"
+
+
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return "unknown CPU"

@@ -1,0 +1,222 @@
+"""`export.py --precision int8|bf16|auto`: reduced-precision encoders for CPU, each behind the
+correctness gate (export/precision_gate.py), and for `auto` measured at the deployment's batch
+sizes on this machine: the fastest candidate that passes is written.
+
+Candidates (CPU):
+  fp32  the exported graphs on ONNX Runtime: the reference, always passes its own gate
+  int8  encoders quantized by ONNX Runtime (export/quantize.py), head FP32, ONNX Runtime
+  bf16  the FP32 graphs on OpenVINO with INFERENCE_PRECISION_HINT bf16 (CPUs with AMX or
+        AVX-512 BF16 only; refused with the reason elsewhere)
+fp16 is not a CPU candidate: ONNX Runtime's CPU provider has no fast FP16 kernels (it is the GPU
+path's precision, `--precision fp16`, gated the same way).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from export.cpus import cpu_class, cpu_flags, cpu_model, usable_cpus
+from export.precision_gate import (
+    DEFAULT_MIN_AGREEMENT,
+    Chain,
+    GateResult,
+    encode,
+    gate,
+    read_eval_posts,
+    synthetic_posts,
+    time_chain,
+)
+from export.preprocess import PreprocessSpec
+from export.quantize import Int8Recipe, default_reduce_range, quantize_int8
+from export.runtimes import RUNTIME_OF, refusal
+from export.spec import ModelSpecs
+from export.triton_config import FLAVOUR_PRECISIONS, Deployment
+
+PRECISION_CHOICES = ("fp32", "fp16", "int8", "bf16", "auto")
+AUTO_CANDIDATES = ("fp32", "int8", "bf16")
+
+
+@dataclass
+class Candidate:
+    precision: str
+    runtime: str
+    files: dict[str, Path] = field(default_factory=dict)  # graph -> ONNX file to serve
+    gate: GateResult | None = None
+    ms_per_post: dict[int, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+    refused: str | None = None
+    verdict: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "runtime": self.runtime,
+            "refused": self.refused,
+            "gate": self.gate.to_dict() if self.gate else None,
+            "ms_per_post_by_batch": {str(k): v for k, v in self.ms_per_post.items()},
+            "facts": self.facts,
+            "verdict": self.verdict,
+        }
+
+
+@dataclass
+class Outcome:
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    posts: str
+    machine: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return self.chosen is not None
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen.precision if self.chosen else None,
+            "posts": self.posts,
+            "machine": self.machine,
+            "candidates": [c.to_dict() for c in self.candidates],
+            **({"gate": self.chosen.gate.to_dict()} if self.chosen and self.chosen.gate else {}),
+        }
+
+
+def machine_facts() -> dict[str, Any]:
+    flags = cpu_flags()
+    from export.cpus import PRECISION_FLAGS
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_class": cpu_class(flags),
+        "flags": [f for f in PRECISION_FLAGS if f in flags],
+        "usable_cpus": usable_cpus(),
+    }
+
+
+def candidates_for(precision: str, dep: Deployment) -> list[str]:
+    if precision == "auto":
+        return [p for p in AUTO_CANDIDATES if p in FLAVOUR_PRECISIONS[dep.backend]]
+    return [precision]
+
+
+def check_requested(precision: str, dep: Deployment) -> str | None:
+    """Why `--precision` cannot be honoured here (before any model is loaded), or None."""
+    if precision == "auto":
+        if dep.backend == "tensorrt":
+            return "--precision auto measures CPU runtimes; the tensorrt flavour runs on a GPU"
+        return None
+    if precision not in FLAVOUR_PRECISIONS[dep.backend]:
+        return (
+            f"the {dep.backend} flavour serves {list(FLAVOUR_PRECISIONS[dep.backend])}, "
+            f"not {precision}"
+        )
+    if precision in ("int8", "bf16"):
+        return refusal(precision, RUNTIME_OF[precision])
+    return None
+
+
+def _posts(eval_posts: Path | None, count: int, seed: int) -> tuple[list, str]:
+    if eval_posts is not None:
+        posts = read_eval_posts(eval_posts)
+        return posts, f"posts from --eval-posts {eval_posts}"
+    return synthetic_posts(count, seed), f"SYNTHETIC posts (seed {seed}; give --eval-posts)"
+
+
+def run(
+    work: Path,
+    specs: ModelSpecs,
+    dep: Deployment,
+    fp32_files: dict[str, Path],
+    preprocess_spec: PreprocessSpec,
+    precision: str,
+    *,
+    eval_posts: Path | None = None,
+    synthetic_count: int = 96,
+    seed: int = 0,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    reduce_range: bool | None = None,
+    fp16_files: dict[str, Path] | None = None,
+    log: Any = print,
+) -> Outcome:
+    """Gate (and for auto, time) every candidate; -> the outcome (chosen None: nothing passed)."""
+    work.mkdir(parents=True, exist_ok=True)
+    posts, source = _posts(eval_posts, synthetic_count, seed)
+    pixels, ids = encode(preprocess_spec, posts)
+    threads = max(1, usable_cpus())
+    reference = Chain.open(specs, fp32_files, {}, threads).outputs(pixels, ids)
+    batches = sorted({1, dep.opt_batch})
+    out: list[Candidate] = []
+    for name in candidates_for(precision, dep):
+        runtime = RUNTIME_OF[name]
+        cand = Candidate(name, runtime, dict(fp32_files))
+        out.append(cand)
+        why = refusal(name, runtime)
+        if why:
+            cand.refused = why
+            cand.verdict = f"not run: {why}"
+            log(f"precision {name}: not run here: {why}")
+            continue
+        if name == "int8":
+            recipe = Int8Recipe(
+                reduce_range=default_reduce_range() if reduce_range is None else reduce_range
+            )
+            for graph in (specs.image_encoder, specs.text_encoder):
+                target = work / "int8" / f"{graph.name}.onnx"
+                cand.facts[graph.name] = quantize_int8(fp32_files[graph.name], target, recipe)
+                cand.files[graph.name] = target
+                log(f"int8 {graph.name}: quantized in {cand.facts[graph.name]['seconds']} s")
+        elif name == "fp16":
+            if fp16_files is None:
+                raise ValueError("fp16 candidate without FP16 graphs")
+            cand.files = dict(fp16_files)
+        precisions = {g.name: dep_for(dep, name).graph_precision(g.name) for g in specs.onnx_graphs}
+        chain = Chain.open(specs, cand.files, precisions, threads)
+        got = chain.outputs(pixels, ids)
+        cand.gate = gate(specs, reference, got, name, runtime, source, min_agreement)
+        print("\n".join(cand.gate.lines()))
+        if precision == "auto" and cand.gate.passed:
+            cand.ms_per_post = time_chain(chain, pixels, ids, batches)
+            log(f"precision {name}: ms per post by batch size {cand.ms_per_post}")
+        del chain
+    passing = [c for c in out if c.gate is not None and c.gate.passed]
+    chosen = None
+    if precision != "auto":
+        chosen = passing[0] if passing else None
+        for c in out:
+            c.verdict = c.verdict or ("written" if c is chosen else "FAILED the gate")
+    elif passing:
+        largest = max(batches)
+        chosen = min(passing, key=lambda c: c.ms_per_post[largest])
+        for c in out:
+            if c.verdict:
+                continue
+            if c.gate is None or not c.gate.passed:
+                c.verdict = "lost: FAILED the gate"
+            elif c is chosen:
+                c.verdict = (
+                    f"won: fastest passing candidate at batch {largest} "
+                    f"({c.ms_per_post[largest]} ms/post)"
+                )
+            else:
+                c.verdict = (
+                    f"lost: {c.ms_per_post[largest]} ms/post at batch {largest} vs "
+                    f"{chosen.ms_per_post[largest]} for {chosen.precision}"
+                )
+    return Outcome(chosen, out, source, machine_facts())
+
+
+def dep_for(dep: Deployment, precision: str) -> Deployment:
+    return replace(dep, precision=precision)
+
+
+def install(stage_files: dict[str, Path], chosen: Candidate) -> None:
+    """Put the chosen candidate's graph files in the staged repository (int8 encoders)."""
+    for graph, src in chosen.files.items():
+        dst = stage_files[graph]
+        if Path(src).resolve() != dst.resolve():
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
