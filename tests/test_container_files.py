@@ -122,7 +122,9 @@ def _names(lines: list[str]) -> dict[str, Requirement]:
 def test_images_install_what_the_python_models_import() -> None:
     cpu = _names((DEPLOY / "requirements-cpu.txt").read_text().splitlines())
     gpu = _names((DEPLOY / "requirements-gpu.txt").read_text().splitlines())
-    models = _names(REQUIREMENTS["preprocess"] + REQUIREMENTS["python"])
+    models = _names(
+        REQUIREMENTS["preprocess"] + REQUIREMENTS["python"] + REQUIREMENTS["openvino_in_python"]
+    )
     launcher = {"nvidia-pytriton", "protobuf", "tritonclient"}
     assert set(cpu) == set(models) | launcher
     # the Triton image has numpy (its python backend needs it); the compute models run in
