@@ -13,14 +13,17 @@ Examples:
   python benchmarks/benchmark.py --quick --out /tmp/b # tiny model, seconds
   python benchmarks/benchmark.py --url localhost:8000 --grpc-url localhost:8001
   python benchmarks/benchmark.py --sweep --p99-budget-ms 1500 --apply model_repository
+  python benchmarks/benchmark.py --paths triton --request-rate 2,4,8 --p99-budget-ms 1500
 
-Writes to --out: results.json (a list of rows), summary.json (targets, machine), results.md, and
-latency_throughput.png; with --sweep: sweep.json and sweep.md.
+Writes to --out: results.json (a list of rows), results.csv (the same rows), summary.json (targets,
+machine), results.md, and latency_throughput.png; with --sweep: sweep.json and sweep.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import shlex
 import signal
@@ -37,6 +40,8 @@ from benchmarks import (  # noqa: E402
     inprocess,
     loadgen,
     machine,
+    openloop,
+    precision_targets,
     report,
     repos,
     sweep,
@@ -54,6 +59,7 @@ FULL = {
     "warmup": 2,
     "worker_warmup": 1,
     "max_other_cpu": 0.25,
+    "duration": 30.0,
 }
 QUICK = {
     "size": "tiny",
@@ -64,11 +70,22 @@ QUICK = {
     "warmup": 1,
     "worker_warmup": 0,
     "max_other_cpu": None,
+    "duration": 2.0,
 }
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _precisions(text: str) -> list[str]:
+    from export.runtimes import PRECISIONS
+
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in out if x not in PRECISIONS]
+    if bad or not out or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of distinct {list(PRECISIONS)}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick)",
     )
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--precision",
+        type=_precisions,
+        default=["fp32"],
+        metavar="P1,P2",
+        help="precisions to measure side by side (fp32,int8,bf16,fp16), each exported with "
+        "export.py --precision and its gate; the first also runs the research path, the "
+        "sequential ORT chain and the one-task comparison (default: fp32)",
+    )
+    m.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        help="the precision gate of each reduced-precision export (default %(default)s)",
+    )
     m.add_argument(
         "--repo",
         type=Path,
@@ -182,6 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="before measuring, wait up to S seconds for other processes to leave the CPU idle",
     )
     w.add_argument("--no-progress", action="store_true")
+    o = p.add_argument_group(
+        "open loop (benchmarks/openloop.py; on the server of the `triton` path, every protocol)"
+    )
+    o.add_argument(
+        "--request-rate",
+        type=openloop.parse_rates,
+        default=[],
+        metavar="R1,R2",
+        help="offered rates (requests/s, Poisson arrivals sent on schedule), each measured "
+        "after the closed-loop levels; rows with mode 'open'",
+    )
+    o.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds of arrivals per rate, after a warm-up of duration/5 (at most 5 s) at that "
+        "rate (default: 30; 2 with --quick)",
+    )
+    o.add_argument(
+        "--late-ms",
+        type=float,
+        default=openloop.DEFAULT_LATE_MS,
+        help="a request sent more than this after its scheduled time counts as late "
+        "(default: %(default)s)",
+    )
     s = p.add_argument_group("sweep")
     s.add_argument(
         "--sweep",
@@ -198,7 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--sweep-concurrency", type=int, default=8)
     s.add_argument("--sweep-protocol", choices=loadgen.PROTOCOLS, default="grpc")
-    s.add_argument("--p99-budget-ms", type=float, default=None)
+    s.add_argument(
+        "--p99-budget-ms",
+        type=float,
+        default=None,
+        help="the sweep's best configuration meets it; with --request-rate the report states the "
+        "highest offered rate held within it",
+    )
     s.add_argument(
         "--apply",
         type=Path,
@@ -281,6 +345,10 @@ class Run:
             preprocess_instances=args.preprocess_instances,
         )
         self.tasks = tuple(args.tasks.split(","))
+        self.precisions: list[str] = args.precision
+        if args.url and len(self.precisions) > 1:
+            raise SystemExit("benchmark.py: --url serves one repository: give one --precision")
+        self.gates: dict[str, float | None] = {}
         self.notes: list[str] = []
         self.rows: list[report.Row] = []
         self.posts = workload.make_posts(self.cfg["posts"], seed=args.seed)
@@ -325,8 +393,34 @@ class Run:
                 f"the machine was not quiet after --wait-quiet {self.args.wait_quiet}"
             )
 
+    def tag(self, rows: list[report.Row], repo: Path) -> None:
+        """Every row says what it computed in and on which runtime; a reduced precision's gate
+        agreement (lowest task) is kept for the targets."""
+        from export.runtimes import RUNTIME_OF
+
+        if self.args.url:
+            precision, runtime = self.precisions[0], f"external Triton ({self.args.flavour})"
+        else:
+            deployed = repos.read_deployment(repo)
+            precision = deployed.dep.precision
+            runtime = f"python backend: {RUNTIME_OF[precision]}"
+            report_file = repo / "export_report.json"
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                gate = json.loads(report_file.read_text())["precision_gate"]["gate"]
+                self.gates[precision] = min(t["agreement"] for t in gate["tasks"].values())
+        for row in rows:
+            if row["path"].startswith("research"):
+                row.setdefault("precision", "fp32")
+                row.setdefault("runtime", "pytorch")
+            elif row["path"] == "preprocess":
+                row.setdefault("precision", "-")
+                row.setdefault("runtime", "numpy/Pillow/tokenizers")
+            else:
+                row.setdefault("precision", precision)
+                row.setdefault("runtime", runtime)
+
     # -------------------------------------------------------------- repositories
-    def repository(self) -> tuple[Path, repos.ModelChoice]:
+    def repository(self, precision: str = "fp32") -> tuple[Path, repos.ModelChoice]:
         args = self.args
         if args.repo is not None:
             deployed = repos.read_deployment(args.repo)
@@ -343,10 +437,13 @@ class Run:
                 f"uses the same architecture with random weights (seed {args.seed})"
             )
             return args.repo, repos.ModelChoice(size, specs.tasks, args.seed)
-        choice = repos.ModelChoice(self.cfg["size"], self.tasks, args.seed)
+        choice = repos.ModelChoice(
+            self.cfg["size"], self.tasks, args.seed, precision, args.min_agreement
+        )
         _log(f"export {choice.describe()} (cached in {self.cache}) ...")
         t0 = time.perf_counter()
-        repo, reused = repos.export(choice, self.cache, self.dep, self.logs / "export.log")
+        log = self.logs / f"export{'' if precision == 'fp32' else '_' + precision}.log"
+        repo, reused = repos.export(choice, self.cache, self.dep, log)
         self.notes.append(
             f"repository {'reused from an earlier export' if reused else 'exported'} with "
             f"`export/export.py {' '.join(choice.export_args(Path('REPO'), self.dep))}`"
@@ -374,7 +471,11 @@ class Run:
         return path
 
     # -------------------------------------------------------------- in process
-    def in_process(self, repo: Path, choice: repos.ModelChoice, progress: Progress) -> None:
+    def in_process(
+        self, repo: Path, choice: repos.ModelChoice, progress: Progress, first: bool = True
+    ) -> None:
+        """`first`: the first precision of --precision also runs the research path and the
+        sequential ORT chain (the others: the served chain only)."""
         from export.preprocess import Preprocessor
 
         deployed = repos.read_deployment(repo)
@@ -382,12 +483,14 @@ class Run:
         pre = Preprocessor(encoder.preprocess_spec())
         cores = machine.cores()
         cuda = _want_cuda(self.args)
-        if "research" in self.paths:
+        if "research" in self.paths and first:
             from export.export import build_parser as export_parser
             from export.export import load_models
             from export.head import build_multitask_head
 
-            export_args = choice.export_args(Path("unused"), self.dep)
+            export_args = dataclasses.replace(choice, precision="fp32").export_args(
+                Path("unused"), self.dep
+            )
             enc, heads, _ = load_models(export_parser().parse_args(export_args))
             head = build_multitask_head(heads, specs.tasks)
             n = self.cfg["research_requests"]
@@ -410,14 +513,16 @@ class Run:
                     "GPU present, but this onnxruntime has no CUDA/TensorRT provider "
                     "(pip install onnxruntime-gpu): ONNX Runtime ran on CPU only"
                 )
-            chains = [(v, True) for v in variants] + [("cpu", False)]
+            chains = [(v, True) for v in variants] + ([("cpu", False)] if first else [])
             for variant, served in chains:
                 # As the python flavour's onnx_model.py sets it: the config's intra-op threads,
                 # else usable cores / instances.
                 threads = deployed.dep.intra_op_threads or max(
                     1, cores // deployed.dep.compute_instances
                 )
-                chain = inprocess.OrtChain(repo, specs, variant, threads, served=served)
+                chain = inprocess.OrtChain(
+                    repo, specs, variant, threads, served=served, dep=deployed.dep
+                )
                 progress.phase(f"{chain.path} ({variant})")
                 for b in self.args.batch_sizes:
                     self.rows += self.measure(
@@ -464,6 +569,45 @@ class Run:
             self.rows.append(row)
             if row["errors"]:
                 _log(f"\n{path} {proto} c={c}: {row['errors']} errors, e.g. {row['error_samples']}")
+        if path == "triton" and self.args.request_rate:
+            self.open_loop(url_http, url_grpc, progress, path, server_pid, **extra)
+
+    def open_loop(
+        self,
+        url_http: str,
+        url_grpc: str,
+        progress: Progress,
+        path: str,
+        server_pid: int | None = None,
+        **extra: Any,
+    ) -> None:
+        """--request-rate: every offered rate over every protocol of --protocols, on the server
+        the closed-loop levels were measured on (embedded or --url); rows with mode "open"."""
+        outputs = loadgen.ensemble_outputs(url_http)
+        duration = self.cfg["duration"]
+        for proto in self.args.protocols.split(","):
+            for rate in self.args.request_rate:
+                progress.phase(f"{path} {proto} open {rate:g}/s")
+                (row,) = self.measure(
+                    lambda proto=proto, rate=rate: [
+                        openloop.open_loop(
+                            proto, url_http if proto == "http" else url_grpc, url_http,
+                            self.posts, outputs, rate, duration, seed=self.args.seed,
+                            late_ms=self.args.late_ms, tick=progress.tick, path=path,
+                            loadavg_1m=machine.load_average(), **extra,
+                        )
+                    ],
+                    round(rate * duration),
+                    progress,
+                    pids=(server_pid,) if server_pid else (),
+                    foreign=server_pid is not None,
+                )  # fmt: skip
+                self.rows.append(row)
+                if row["errors"]:
+                    _log(
+                        f"\n{path} {proto} open {rate:g}/s: {row['errors']} failed, "
+                        f"e.g. {row['error_samples']}"
+                    )
 
     def triton(self, repo: Path, one_repo: Path | None, progress: Progress) -> None:
         """All levels on the full repository, then the one-task levels on its own server (its
@@ -516,12 +660,15 @@ class Run:
         if "research" in self.paths:
             total += self.cfg["research_requests"] * (2 if _want_cuda(self.args) else 1)
         if "onnxruntime" in self.paths:
-            chains = len(inprocess.ort_variants(_want_cuda(self.args))) + 1
+            chains = len(inprocess.ort_variants(_want_cuda(self.args))) * len(self.precisions) + 1
             total += chains * sum(
                 inprocess.ort_samples(self.cfg["ort_samples"], b) for b in self.args.batch_sizes
             )
         if "triton" in self.paths:
             total += sum(n for _, _, n in _levels(self.args, self.cfg, self.args.concurrency))
+            opened = sum(round(r * self.cfg["duration"]) for r in self.args.request_rate)
+            total += opened * len(self.args.protocols.split(","))
+            total *= len(self.precisions) if not self.args.url else 1
         if "one_task" in self.paths and not self.args.url:
             levels = _levels(self.args, self.cfg, self.args.one_task_concurrency)
             total += sum(n for _, _, n in levels)
@@ -551,12 +698,16 @@ class Run:
             one_repo = self.one_task_repository(repo, choice)
         elif "one_task" in self.paths:
             self.notes.append("one-task comparison skipped: --url serves one repository")
+        others = [self.repository(p) for p in self.precisions[1:]]
         self.wait_quiet()
         progress = Progress(self.planned(), not self.args.no_progress)
         try:
-            self.in_process(repo, choice, progress)
-            if "triton" in self.paths or one_repo is not None:
-                self.triton(repo, one_repo, progress)
+            for i, (prec_repo, prec_choice) in enumerate([(repo, choice), *others]):
+                start = len(self.rows)
+                self.in_process(prec_repo, prec_choice, progress, first=i == 0)
+                if "triton" in self.paths or (one_repo is not None and i == 0):
+                    self.triton(prec_repo, one_repo if i == 0 else None, progress)
+                self.tag(self.rows[start:], prec_repo)
         finally:
             progress.close()
         self.notes.append(
@@ -566,8 +717,14 @@ class Run:
         )
         meta = {
             **self.meta(choice),
+            "precisions": self.precisions,
+            "precision_gates": self.gates,
+            "precision_targets": precision_targets.targets(
+                self.rows, machine.describe()["cpu_class"], self.gates
+            ),
             "load_start": load_start,
             "load_end": machine.load_average(),
+            "p99_budget_ms": self.args.p99_budget_ms,
             "seconds": round(time.perf_counter() - started, 1),
         }
         files = report.write(self.out, self.rows, meta)

@@ -17,7 +17,9 @@ import numpy as np
 from benchmarks.report import Row, Tick, make_row
 from benchmarks.workload import Post
 from export.preprocess import Preprocessor
+from export.runtimes import RUNTIME_OF, open_session
 from export.spec import ModelSpecs
+from export.triton_config import Deployment
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,16 @@ def ort_variants(want_gpu: bool) -> list[str]:
     return out
 
 
+class _OrtRun:
+    """An ONNX Runtime session on a GPU provider, called like export/runtimes.Session."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feed)
+
+
 class OrtChain:
     """image encoder, text encoder, head: three sessions on the repository's model.onnx files.
 
@@ -147,21 +159,35 @@ class OrtChain:
     in-process script."""
 
     def __init__(
-        self, repo: Path, specs: ModelSpecs, variant: str, threads: int, served: bool = True
+        self,
+        repo: Path,
+        specs: ModelSpecs,
+        variant: str,
+        threads: int,
+        served: bool = True,
+        dep: Deployment | None = None,
     ) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if served:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ORT_VARIANTS[variant]
+        """`dep`: the repository's deployment; on CPU each graph runs in the precision and on the
+        runtime its config names (export/runtimes.py, as the python flavour's model.py)."""
+        dep = dep or Deployment()
+        self.precision = dep.precision
+        self.runtime = RUNTIME_OF[dep.precision] if variant == "cpu" else "onnxruntime"
 
         def session(name: str) -> Any:
             path = repo / name / "1" / "model.onnx"
-            return ort.InferenceSession(str(path), options, providers=providers)
+            if variant == "cpu":
+                return open_session(path, dep.graph_precision(name), threads=threads,
+                                    spinning=not served)  # fmt: skip
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            if served:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            providers = ORT_VARIANTS[variant]
+            return _OrtRun(ort.InferenceSession(str(path), options, providers=providers))
 
         self.specs = specs
         self.threads = threads
@@ -180,13 +206,13 @@ class OrtChain:
 
     def __call__(self, pixels: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
         if self.pool is not None:  # the text encoder beside the image encoder
-            text = self.pool.submit(self.text.run, None, {self.ids_name: ids})
-            (fi,) = self.image.run(None, {self.pixels_name: pixels})
+            text = self.pool.submit(self.text.run, {self.ids_name: ids})
+            (fi,) = self.image.run({self.pixels_name: pixels})
             (ft,) = text.result()
         else:
-            (fi,) = self.image.run(None, {self.pixels_name: pixels})
-            (ft,) = self.text.run(None, {self.ids_name: ids})
-        return self.head.run(None, dict(zip(self.head_inputs, (fi, ft))))
+            (fi,) = self.image.run({self.pixels_name: pixels})
+            (ft,) = self.text.run({self.ids_name: ids})
+        return self.head.run(dict(zip(self.head_inputs, (fi, ft))))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -218,6 +244,8 @@ def ort_path(
     suffix = "" if variant == "cpu" else f"-{variant}"
     extra = {
         "device": "cpu" if variant == "cpu" else "cuda",
+        "precision": chain.precision,
+        "runtime": chain.runtime,
         "threads": chain.threads,
         "threading": "as served: encoders in parallel, no spinning"
         if chain.served

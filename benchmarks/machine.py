@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from export.cpus import usable_cpus
+from export.cpus import PRECISION_FLAGS, cpu_class, usable_cpus
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -76,7 +76,7 @@ def cores() -> int:
 def describe(tritonserver_version: str | None = None) -> dict[str, Any]:
     cpu = _cpuinfo()
     flags = set(cpu.get("flags", "").split())
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    simd = [f for f in PRECISION_FLAGS if f in flags]
     gpu_list = gpus()
     versions = {
         "python": platform.python_version(),
@@ -91,6 +91,7 @@ def describe(tritonserver_version: str | None = None) -> dict[str, Any]:
                 ("tritonclient", "tritonclient"),
                 ("nvidia-pytriton", "nvidia-pytriton"),
                 ("numpy", "numpy"),
+                ("openvino", "openvino"),
             )
         },
         "tritonserver": tritonserver_version,
@@ -100,6 +101,7 @@ def describe(tritonserver_version: str | None = None) -> dict[str, Any]:
         "cores": cores(),
         "host_cpus": os.cpu_count(),
         "simd": simd,
+        "cpu_class": cpu_class(frozenset(flags)),  # the INT8/BF16 targets' class
         "ram_gib": _ram_gib(),
         "gpu": gpu_list or None,
         "os": f"{platform.system()} {platform.release()}",

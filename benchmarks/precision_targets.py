@@ -80,8 +80,8 @@ def targets(
         default=None,
     )
     if best is None or fp32 is None:
-        add("Reduced precision targets", None, "", None, "no Triton rows for fp32 and a "
-            "reduced precision in this run (benchmark.py --precision fp32,int8[,bf16])")  # fmt: skip
+        missing = "no Triton rows of fp32 and a reduced precision (--precision fp32,int8[,bf16])"
+        add("Reduced precision targets", None, "", None, missing)
         return out
     sat = saturation(rows, best)
     goal = SATURATION_GOAL[cpu_class]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -37,13 +38,15 @@ def includes(path: str) -> str:
 
 
 def summarize(latencies_ms: Sequence[float]) -> dict[str, float]:
+    keys = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms")
     if len(latencies_ms) == 0:
-        return {k: float("nan") for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms")}
+        return {k: float("nan") for k in keys}
     a = np.asarray(latencies_ms, dtype=np.float64)
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
     return {
         "p50_ms": round(float(p50), 3),
         "p90_ms": round(float(p90), 3),
+        "p95_ms": round(float(p95), 3),
         "p99_ms": round(float(p99), 3),
         "mean_ms": round(float(a.mean()), 3),
         "min_ms": round(float(a.min()), 3),
@@ -61,13 +64,17 @@ def make_row(
     concurrency: int = 1,
     batch_size: int = 1,
     errors: int = 0,
+    mode: str = "closed",
     **extra: Any,
 ) -> Row:
     """One measured configuration. `samples` posts answered in `seconds` of wall time;
-    latency is per call (a batch's latency is every one of its requests' latency)."""
+    latency is per call (a batch's latency is every one of its requests' latency). `mode`:
+    "closed" (the next request when one returns; in-process calls too) or "open" (requests on
+    a fixed schedule, benchmarks/openloop.py)."""
     return {
         "path": path,
         "protocol": protocol,
+        "mode": mode,
         "concurrency": concurrency,
         "batch_size": batch_size,
         "requests": samples,
@@ -84,7 +91,20 @@ def make_row(
 
 
 def _cpu(rows: Iterable[Row], path: str) -> list[Row]:
-    return [r for r in rows if r["path"] == path and r.get("device", "cpu") == "cpu"]
+    """Closed-loop FP32 CPU rows of a path (the targets and ratios compare closed-loop FP32
+    levels; reduced precisions have targets of their own: benchmarks/precision_targets.py)."""
+    return [
+        r
+        for r in rows
+        if r["path"] == path
+        and r.get("device", "cpu") == "cpu"
+        and not is_open(r)
+        and r.get("precision", "fp32") in ("fp32", "-")
+    ]
+
+
+def is_open(row: Row) -> bool:
+    return row.get("mode") == "open"
 
 
 def _best(rows: Iterable[Row]) -> Row | None:
@@ -118,12 +138,13 @@ def add_ratios(rows: list[Row]) -> None:
     for r in rows:
         r["x_ort_best"] = _ratio(r["throughput_rps"], ort)
         r["x_research"] = _ratio(r["throughput_rps"], research)
-        if r["path"] == "triton_one_task":
+        if r["path"] == "triton_one_task" and not is_open(r):
             same = next(
                 (
                     a
                     for a in rows
                     if a["path"] == "triton"
+                    and not is_open(a)
                     and a["protocol"] == r["protocol"]
                     and a["concurrency"] == r["concurrency"]
                 ),
@@ -199,6 +220,109 @@ def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return out
 
 
+# ---------------------------------------------------------------------------------- open loop
+
+
+def precision(row: Row) -> str:
+    """A row's numeric precision; rows without one were measured in fp32."""
+    return str(row.get("precision") or "fp32")
+
+
+def _p99(row: Row) -> float:
+    v = row.get("p99_ms")
+    return float(v) if isinstance(v, (int, float)) and v == v else float("inf")
+
+
+def _rate(v: float) -> str:
+    return f"{v:g}"
+
+
+def held_rates(rows: Sequence[Row], budget_ms: float | None) -> list[dict[str, Any]]:
+    """Per precision (in order of appearance), over the open-loop rows of every protocol: the
+    highest offered rate *held*, i.e. answered without a failure with p99 <= budget_ms, with its
+    protocol and p99, the same per protocol, and the rate with the lowest p99 (failure-free rows
+    first). status: "held", "none held", or "no budget" (budget_ms None: nothing is judged)."""
+    out: list[dict[str, Any]] = []
+    open_rows = [r for r in rows if is_open(r)]
+    for prec in dict.fromkeys(precision(r) for r in open_rows):
+        mine = [r for r in open_rows if precision(r) == prec]
+        clean = [r for r in mine if r["errors"] == 0 and _p99(r) < float("inf")]
+        lowest = min(clean or mine, key=lambda r: (_p99(r), r["offered_rps"]))
+        entry: dict[str, Any] = {
+            "precision": prec,
+            "budget_ms": budget_ms,
+            "status": "no budget",
+            "held_rps": None,
+            "protocol": None,
+            "p99_ms": None,
+            "throughput_rps": None,
+            "per_protocol": {},
+            "offered_rps": sorted({r["offered_rps"] for r in mine}),
+            "lowest_p99": {
+                "offered_rps": lowest["offered_rps"],
+                "protocol": lowest["protocol"],
+                "p99_ms": lowest["p99_ms"],
+                "failed": lowest["errors"],
+            },
+            "highest_without_failures_rps": max((r["offered_rps"] for r in clean), default=None),
+        }
+        if budget_ms is not None:
+            held = [r for r in clean if _p99(r) <= budget_ms]
+            for proto in dict.fromkeys(r["protocol"] for r in mine):
+                rates = [r["offered_rps"] for r in held if r["protocol"] == proto]
+                entry["per_protocol"][proto] = max(rates) if rates else None
+            entry["status"] = "held" if held else "none held"
+            if held:
+                best = max(held, key=lambda r: (r["offered_rps"], -_p99(r)))
+                entry.update(
+                    held_rps=best["offered_rps"],
+                    protocol=best["protocol"],
+                    p99_ms=best["p99_ms"],
+                    throughput_rps=best["throughput_rps"],
+                )
+        out.append(entry)
+    return out
+
+
+def held_line(entry: dict[str, Any]) -> str:
+    """One sentence per precision for results.md."""
+    prec, budget, low = entry["precision"], entry["budget_ms"], entry["lowest_p99"]
+    lowest = (
+        f"the lowest p99 was {fmt(low['p99_ms'])} ms, at {_rate(low['offered_rps'])} req/s "
+        f"offered ({low['protocol']}" + (f", {low['failed']} failed" if low["failed"] else "") + ")"
+    )
+    if entry["status"] == "no budget":
+        top = entry["highest_without_failures_rps"]
+        return f"{prec}: no budget given (--p99-budget-ms), so no rate is judged; {lowest}; " + (
+            f"the highest offered rate answered without failures: {_rate(top)} req/s"
+            if top is not None
+            else "every rate had failures"
+        )
+    if entry["status"] == "none held":
+        return (
+            f"{prec}: highest offered rate held with p99 <= {fmt(budget, 0)} ms: none held "
+            f"(of {', '.join(_rate(r) for r in entry['offered_rps'])} req/s); {lowest}"
+        )
+    others = [
+        f"{proto} {_rate(rate) + ' req/s' if rate is not None else 'none held'}"
+        for proto, rate in entry["per_protocol"].items()
+        if proto != entry["protocol"]
+    ]
+    return (
+        f"{prec}: highest offered rate held with p99 <= {fmt(budget, 0)} ms: "
+        f"**{_rate(entry['held_rps'])} req/s** ({entry['protocol']}: p99 "
+        f"{fmt(entry['p99_ms'])} ms, {fmt(entry['throughput_rps'], 2)} req/s answered)"
+        + (f"; {', '.join(others)}" if others else "")
+    )
+
+
+def load_label(row: Row) -> str:
+    """A Triton row's load: `c=8` (closed loop) or `8/s open` (offered rate)."""
+    if is_open(row):
+        return f"{_rate(row['offered_rps'])}/s open"
+    return f"c={row['concurrency']}"
+
+
 # ---------------------------------------------------------------------------------- analysis
 
 
@@ -218,7 +342,7 @@ def where_time_goes(row: Row) -> str:
             f"batch {s['avg_batch']:.2f})"
         )
     return (
-        f"{row['protocol']} c={row['concurrency']}: client mean {row['mean_ms']:.1f} ms = server "
+        f"{row['protocol']} {load_label(row)}: client mean {row['mean_ms']:.1f} ms = server "
         f"{total:.1f} ms + client/network {row['mean_ms'] - total:.1f} ms; " + "; ".join(parts)
     )
 
@@ -254,30 +378,41 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
         "| target | measured | goal | status | detail |",
         "|---|---:|---|---|---|",
     ]
-    for t in tgts:
+    for t in [*tgts, *meta.get("precision_targets", [])]:
         status = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
         lines.append(
             f"| {t['target']} | {fmt(t['measured'], 2)} | {t['goal']} | {status} | {t['detail']} |"
         )
+    if meta.get("precision_targets"):
+        lines += [
+            "",
+            f"Reduced-precision targets are set for this machine's CPU class "
+            f"({m.get('cpu_class', '?')}: AMX 3.0x / 0.5x, VNNI without AMX 2.0x / 0.6x, AVX2 only "
+            "1.4x / 0.6x); the other targets compare FP32 rows.",
+        ]
     lines += [
         "",
         "## All paths",
         "",
         "Latency is per call: for an in-process batch, the batch's time (every request in it waits "
-        "for all of it). x ORT = throughput / in-process ONNX Runtime at its best batch size; "
+        "for all of it). x ORT = throughput / in-process FP32 ONNX Runtime at its best batch size; "
         "x research = throughput / research path (PyTorch eager, model only). other CPU = cores "
         "that processes other than the benchmark and its server kept busy meanwhile (a shared "
         "machine: above ~0.1 the row is disturbed).",
         "",
-        "| path | protocol | device | conc. | batch | requests | req/s | p50 ms | p90 ms | p99 ms "
-        "| mean ms | errors | x ORT | x research | other CPU |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | precision | runtime | protocol | device | conc. | batch | requests | req/s "
+        "| p50 ms | p90 ms | p95 ms | p99 ms | mean ms | errors | x ORT | x research | other CPU |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if is_open(r):  # their own section below
+            continue
         lines.append(
-            f"| {r['path']} | {r['protocol']} | {r.get('device', '-')} | {r['concurrency']} "
+            f"| {r['path']} | {r.get('precision', 'fp32')} | {r.get('runtime', '-')} "
+            f"| {r['protocol']} | {r.get('device', '-')} | {r['concurrency']} "
             f"| {r['batch_size']} | {r['requests']} | {fmt(r['throughput_rps'], 2)} "
-            f"| {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} "
+            f"| {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r.get('p95_ms'))} "
+            f"| {fmt(r['p99_ms'])} "
             f"| {fmt(r['mean_ms'])} | {r['errors']} | {fmt(r.get('x_ort_best'), 2)} "
             f"| {fmt(r.get('x_research'), 2)} | {fmt(r.get('foreign_cpu_cores'), 2)} |"
         )
@@ -293,6 +428,7 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
                 f"{r['throughput_rps']:.2f} req/s, "
                 f"all tasks / one task = {r['all_tasks_over_one_task']:.3f}"
             )
+    lines += open_loop_markdown(rows, meta.get("p99_budget_ms"))
     triton_rows = [r for r in rows if r["path"] in TRITON_PATHS and r.get("server")]
     if triton_rows:
         models = [m for m in triton_rows[0]["server"] if m != "ensemble"]
@@ -321,7 +457,8 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
                 )
             total = r.get("server_total_ms")
             lines.append(
-                f"| {r['path']} | {r['protocol']} | {r['concurrency']} "
+                f"| {r['path']} {r.get('precision', 'fp32')} | {r['protocol']} "
+                f"| {r['concurrency'] if not is_open(r) else load_label(r)} "
                 f"| {r['throughput_rps']:.2f} | {r['mean_ms']:.1f} | {fmt(total)} "
                 f"| {fmt(r['mean_ms'] - total if total is not None else None)} | "
                 + " | ".join(cells)
@@ -331,8 +468,7 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
             "",
             "Client CPU per request (the load generator shares the machine): "
             + ", ".join(
-                f"{r['protocol']} c={r['concurrency']} {r.get('client_cpu_ms_per_request', 0):.1f}"
-                " ms"
+                f"{r['protocol']} {load_label(r)} {r.get('client_cpu_ms_per_request', 0):.1f} ms"
                 for r in triton_rows
                 if r["path"] == "triton"
             ),
@@ -343,6 +479,41 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
         lines += ["", f"![latency vs throughput]({meta['plot']})"]
     lines.append("")
     return "\n".join(lines)
+
+
+def open_loop_markdown(rows: Sequence[Row], budget_ms: float | None) -> list[str]:
+    """The "Open loop" section: one line per open-loop row, then per precision the highest
+    offered rate held within the p99 budget (nothing when there are no open-loop rows)."""
+    open_rows = [r for r in rows if is_open(r)]
+    if not open_rows:
+        return []
+    late = open_rows[0].get("late_threshold_ms")
+    late = "the late threshold" if late is None else f"{fmt(late, 0)} ms"
+    lines = [
+        "",
+        "## Open loop",
+        "",
+        "Requests at Poisson arrivals of the offered rate, each sent on schedule whether or not "
+        "earlier ones have returned (benchmarks/openloop.py). Latency runs from the scheduled "
+        "time, so a client falling behind counts in it; late = requests that went out more than "
+        f"{late} after their scheduled time; failed = error answers and requests "
+        "left unanswered; throughput = successful answers / time from the first scheduled send "
+        "to the last answer. in flight = the most requests outstanding at once.",
+        "",
+        "| precision | path | protocol | offered req/s | scheduled | throughput req/s | p50 ms "
+        "| p90 ms | p95 ms | p99 ms | failed | late | in flight |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    order = {p: i for i, p in enumerate(dict.fromkeys(precision(r) for r in open_rows))}
+    for r in sorted(open_rows, key=lambda r: (order[precision(r)], r["path"], r["protocol"])):
+        lines.append(
+            f"| {precision(r)} | {r['path']} | {r['protocol']} | {_rate(r['offered_rps'])} "
+            f"| {r.get('scheduled', '-')} | {fmt(r['throughput_rps'], 2)} | {fmt(r['p50_ms'])} "
+            f"| {fmt(r['p90_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} "
+            f"| {r['errors']} | {r.get('late', '-')} | {r['concurrency']} |"
+        )
+    lines += [""] + [f"- {held_line(e)}" for e in held_rates(open_rows, budget_ms)]
+    return lines
 
 
 def plot(rows: Sequence[Row], path: Path, title: str) -> None:
@@ -358,14 +529,22 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
         if r["path"] == "preprocess":
             continue
         key = r["path"] if r["protocol"] == "inprocess" else f"{r['path']} {r['protocol']}"
+        if is_open(r):
+            key += " open"
+        if r.get("precision"):
+            key += f" {r['precision']}"
         groups.setdefault(key, []).append(r)
     for key, group in groups.items():
-        group = sorted(group, key=lambda r: (r["concurrency"], r["batch_size"]))
+        group = sorted(
+            group, key=lambda r: (r.get("offered_rps") or 0, r["concurrency"], r["batch_size"])
+        )
         x = [r["throughput_rps"] for r in group]
         (line,) = ax.plot(x, [r["p50_ms"] for r in group], "o-", label=f"{key} p50")
         ax.plot(x, [r["p99_ms"] for r in group], ":", color=line.get_color(), alpha=0.7)
         for r in group:
             tag = f"c{r['concurrency']}" if r["protocol"] != "inprocess" else f"b{r['batch_size']}"
+            if is_open(r):
+                tag = f"r{_rate(r['offered_rps'])}"
             ax.annotate(
                 tag,
                 (r["throughput_rps"], r["p50_ms"]),
@@ -384,8 +563,42 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# Columns every results.csv starts with, in this order (empty where a row has no such key); the
+# other keys follow in alphabetical order.
+CSV_FIRST = (
+    "path", "protocol", "mode", "precision", "device", "concurrency", "batch_size",
+    "offered_rps", "scheduled", "requests", "errors", "failed", "late", "seconds",
+    "throughput_rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms",
+)  # fmt: skip
+
+
+def csv_columns(rows: Sequence[Row]) -> list[str]:
+    rest = sorted({k for r in rows for k in r} - set(CSV_FIRST))
+    return [*CSV_FIRST, *rest]
+
+
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True)
+    return v
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    """One line per row, columns csv_columns(rows); nested values (the server split, the machine,
+    error samples) JSON-encoded, missing values empty."""
+    columns = csv_columns(rows)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _csv_cell(v) for k, v in r.items()})
+
+
 def write(out: Path, rows: list[Row], meta: dict[str, Any]) -> dict[str, Path]:
-    """results.json (a list of rows, each with the machine), summary.json, results.md, PNG."""
+    """results.json (a list of rows, each with the machine), results.csv (the same rows),
+    summary.json, results.md, PNG."""
     out.mkdir(parents=True, exist_ok=True)
     add_ratios(rows)
     tgts = targets(rows)
@@ -393,13 +606,18 @@ def write(out: Path, rows: list[Row], meta: dict[str, Any]) -> dict[str, Path]:
         r["machine"] = meta["machine"]
     files = {
         "json": out / "results.json",
+        "csv": out / "results.csv",
         "summary": out / "summary.json",
         "markdown": out / "results.md",
         "plot": out / "latency_throughput.png",
     }
     meta = {**meta, "plot": files["plot"].name}
     files["json"].write_text(json.dumps(rows, indent=1) + "\n")
-    files["summary"].write_text(json.dumps({**meta, "targets": tgts}, indent=1) + "\n")
+    write_csv(files["csv"], rows)
+    summary: dict[str, Any] = {**meta, "targets": tgts}
+    if any(is_open(r) for r in rows):
+        summary["open_loop"] = held_rates(rows, meta.get("p99_budget_ms"))
+    files["summary"].write_text(json.dumps(summary, indent=1) + "\n")
     try:
         plot(rows, files["plot"], f"{meta['model']}\n{meta['machine']['label']}")
     except ImportError:  # matplotlib is in the bench/dev extras

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from export.precision_gate import DEFAULT_MIN_AGREEMENT
 from export.repository import write_configs, write_repository
 from export.spec import (
     ENSEMBLE,
     HEAD,
     IMAGE_ENCODER,
+    PRECISION_PARAMETER,
     PREPROCESS,
     WEIGHTS_PARAMETER,
     EncoderConfig,
@@ -67,10 +69,13 @@ class ModelChoice:
     size: str
     tasks: tuple[str, ...]
     seed: int = 0
+    precision: str = "fp32"
+    min_agreement: float = DEFAULT_MIN_AGREEMENT  # the gate of a reduced precision
 
     @property
     def key(self) -> str:
-        return f"{self.size}_seed{self.seed}_{'-'.join(self.tasks)}"
+        suffix = "" if self.precision == "fp32" else f"_{self.precision}"
+        return f"{self.size}_seed{self.seed}_{'-'.join(self.tasks)}{suffix}"
 
     def export_args(self, out: Path, dep: Deployment) -> list[str]:
         return [
@@ -81,11 +86,17 @@ class ModelChoice:
             "--instances", str(dep.compute_instances),
             "--preprocess-instances", str(dep.preprocess_instances),
             "--out", str(out),
-        ]  # fmt: skip
+        ] + (
+            [] if self.precision == "fp32"
+            else ["--precision", self.precision, "--min-agreement", str(self.min_agreement)]
+        )  # fmt: skip
 
     def describe(self) -> str:
         arch = "ViT-B/32" if self.size == "base" else "tiny CLIP"
-        return f"{arch} ({SIZES[self.size]}), RANDOM weights, tasks {','.join(self.tasks)}"
+        return (
+            f"{arch} ({SIZES[self.size]}), RANDOM weights, tasks {','.join(self.tasks)}, "
+            f"precision {self.precision}"
+        )
 
 
 def _stamp_ok(repo: Path, stamp: dict) -> bool:
@@ -102,6 +113,7 @@ def export(choice: ModelChoice, cache: Path, dep: Deployment, log: Path) -> tupl
     matching earlier export there and writes `dep`'s configs into it."""
     repo = cache / choice.key
     stamp = {"args": choice.export_args(Path("OUT"), Deployment()), "sources": _source_hash()}
+    dep = dataclasses.replace(dep, precision=choice.precision)
     if _stamp_ok(repo, stamp):
         read_deployment(repo).write(repo, dep)
         return repo, True
@@ -169,7 +181,10 @@ def read_deployment(repo: Path) -> Deployed:
         backend = image.backend
     params = {k: v.string_value for k, v in image.parameters.items()}
     accel = image.optimization.execution_accelerators.gpu_execution_accelerator
+    ensemble = configs.get(ENSEMBLE)
+    named = ensemble.parameters.get(PRECISION_PARAMETER) if ensemble is not None else None
     dep = Deployment(
+        precision=named.string_value if named is not None and named.string_value else "fp32",
         backend=backend,
         max_batch_size=image.max_batch_size,
         max_queue_delay_us=image.dynamic_batching.max_queue_delay_microseconds,

@@ -1,8 +1,10 @@
-"""Smoke test of benchmarks/benchmark.py --quick (issue 5): every path runs on the tiny repository
-and the run writes results.json, results.md and the plot. No assertion on speed."""
+"""Smoke test of benchmarks/benchmark.py --quick (issue 5): every path runs on the tiny repository,
+open-loop rates too, and the run writes results.json, results.csv, results.md and the plot. No
+assertion on speed."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
@@ -19,11 +21,15 @@ REQUIRED = (
     "throughput_rps",
     "p50_ms",
     "p90_ms",
+    "p95_ms",
     "p99_ms",
     "errors",
+    "mode",
     "machine",
 )
-NUMBERS = ("concurrency", "requests", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms")
+NUMBERS = (
+    "concurrency", "requests", "throughput_rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
+)  # fmt: skip
 STEPS = ("preprocess", "image_encoder", "text_encoder", "fusion_head")
 
 
@@ -33,7 +39,8 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
     out = tmp_path / "bench"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--quick",
-         "--repo", str(tiny_repo), "--seed", "3", "--out", str(out), "--no-progress"],
+         "--repo", str(tiny_repo), "--seed", "3", "--out", str(out), "--no-progress",
+         "--request-rate", "10,20", "--duration", "1", "--p99-budget-ms", "60000"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -46,7 +53,7 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (key, row)
             assert row[key] >= 0, (key, row)
         assert row["requests"] > 0 and row["throughput_rps"] > 0
-        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert row["errors"] == 0, row.get("error_samples")
         assert row["machine"]["cores"] >= 1 and row["machine"]["cpu"]
 
@@ -61,10 +68,13 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
         ("triton_one_task", "grpc"),
     } <= paths
     for protocol in ("http", "grpc"):
-        levels = {
-            r["concurrency"] for r in rows if (r["path"], r["protocol"]) == ("triton", protocol)
-        }
-        assert levels == {1, 2, 4, 8, 16, 32}
+        mine = [r for r in rows if (r["path"], r["protocol"]) == ("triton", protocol)]
+        assert {r["concurrency"] for r in mine if r["mode"] == "closed"} == {1, 2, 4, 8, 16, 32}
+        opened = [r for r in mine if r["mode"] == "open"]
+        assert sorted(r["offered_rps"] for r in opened) == [10.0, 20.0]
+        for r in opened:
+            assert r["requests"] == r["scheduled"] and r["failed"] == 0 and r["late"] >= 0
+    assert {r["mode"] for r in rows if r["path"] != "triton"} == {"closed"}
     for path in ("onnxruntime", "onnxruntime-sequential"):
         assert {r["batch_size"] for r in rows if r["path"] == path} == {1, 2, 4, 8, 16}
 
@@ -77,11 +87,24 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
             assert split["avg_batch"] >= 1
         assert row["server_requests"] == row["requests"]
 
+    with (out / "results.csv").open(newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [(x["path"], x["protocol"], x["mode"]) for x in lines] == [
+        (r["path"], r["protocol"], r["mode"]) for r in rows
+    ]
+    for row, line in zip(rows, lines):
+        assert float(line["p95_ms"]) == row["p95_ms"]
+        assert json.loads(line["machine"]) == row["machine"]
+
     summary = json.loads((out / "summary.json").read_text())
+    assert [(e["precision"], e["status"], e["held_rps"]) for e in summary["open_loop"]] == [
+        ("fp32", "held", 20.0)
+    ]
     assert len(summary["targets"]) == 4
     assert all(t["measured"] is not None for t in summary["targets"])
     markdown = (out / "results.md").read_text()
     assert "## Targets" in markdown and "server-side split" in markdown
+    assert "highest offered rate held with p99 <= 60000 ms: **20 req/s**" in markdown
     assert summary["machine"]["label"] in markdown
     png = out / "latency_throughput.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -138,3 +161,38 @@ def test_sweep_with_an_unmeetable_budget_applies_nothing(tiny_repo: Path, tmp_pa
     assert "no configuration met the budget" in done.stderr
     after = {p.name: (p / "config.pbtxt").read_text() for p in repo.iterdir() if p.is_dir()}
     assert after == before
+
+
+def test_benchmark_measures_each_precision_in_one_run(tmp_path: Path) -> None:
+    """--precision fp32,int8: each precision exported (and gated), its in-process chain and its
+    Triton levels measured; every row says its precision and runtime; the reduced-precision targets
+    are reported beside the others, for this machine's CPU class."""
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--quick",
+         "--precision", "fp32,int8", "--min-agreement", "0.9", "--paths", "onnxruntime,triton",
+         "--protocols", "grpc", "--concurrency", "1,4", "--batch-sizes", "1,4",
+         "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert all(r.get("precision") and r.get("runtime") for r in rows)
+    for precision in ("fp32", "int8"):
+        triton = [r for r in rows if r["path"] == "triton" and r["precision"] == precision]
+        assert {r["concurrency"] for r in triton} == {1, 4}
+        assert all(r["runtime"] == "python backend: onnxruntime" for r in triton)
+        chain = [r for r in rows if r["path"] == "onnxruntime" and r["precision"] == precision]
+        assert {r["batch_size"] for r in chain} == {1, 4}
+    assert not [
+        r for r in rows if r["path"] == "onnxruntime-sequential" and r["precision"] != "fp32"
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precisions"] == ["fp32", "int8"]
+    assert 0.9 <= summary["precision_gates"]["int8"] <= 1.0
+    names = [t["target"] for t in summary["precision_targets"]]
+    cpu_class = summary["machine"]["cpu_class"]
+    assert f"Triton saturation int8 / fp32 ({cpu_class} CPU)" in names
+    assert "Gate agreement int8 (lowest task)" in names
+    assert all(t["measured"] is not None for t in summary["precision_targets"])
+    assert "Triton saturation int8 / fp32" in (out / "results.md").read_text()
