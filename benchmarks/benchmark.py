@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import shlex
 import signal
@@ -33,10 +34,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python benchmarks/benchmark.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("benchmarks") is None:  # run from a checkout, project not installed
+    sys.exit(
+        "benchmark.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): run `pip install -e '.[bench]'` in the repository root"
+    )
 
-from benchmarks import (  # noqa: E402
+from benchmarks import (
     inprocess,
     loadgen,
     machine,
@@ -47,8 +51,8 @@ from benchmarks import (  # noqa: E402
     sweep,
     workload,
 )
-from benchmarks.progress import Progress  # noqa: E402
-from export.triton_config import Deployment  # noqa: E402
+from benchmarks.progress import Progress
+from export.triton_config import Deployment
 
 FULL = {
     "size": "base",

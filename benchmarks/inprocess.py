@@ -17,6 +17,7 @@ import numpy as np
 from benchmarks.report import Row, Tick, make_row
 from benchmarks.workload import Post
 from export.preprocess import Preprocessor
+from export.repository import model_dir
 from export.runtimes import RUNTIME_OF, open_session
 from export.spec import ModelSpecs
 from export.triton_config import Deployment
@@ -174,7 +175,7 @@ class OrtChain:
         self.runtime = RUNTIME_OF[dep.precision] if variant == "cpu" else "onnxruntime"
 
         def session(name: str) -> Any:
-            path = repo / name / "1" / "model.onnx"
+            path = model_dir(repo, name) / "model.onnx"
             if variant == "cpu":
                 return open_session(path, dep.graph_precision(name), threads=threads,
                                     spinning=not served)  # fmt: skip

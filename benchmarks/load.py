@@ -25,33 +25,36 @@ repository, `--url` for a running server (then no memory figures).
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
+import re
+import shlex
+import signal
 import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-if __package__ in (None, ""):  # run as `python benchmarks/load.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("benchmarks") is None:  # run from a checkout, project not installed
+    sys.exit(
+        "load.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): run `pip install -e '.[bench]'` in the repository root"
+    )
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import signal  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks import loadgen, machine, repos  # noqa: E402
-from benchmarks.cases import Case, all_cases, schedule  # noqa: E402
-from benchmarks.progress import Progress  # noqa: E402
-from export.preprocess import PreprocessSpec  # noqa: E402
-from export.repository import read_preprocess_spec  # noqa: E402
-from export.spec import DEFAULT_TASKS, ENSEMBLE  # noqa: E402
-from export.triton_config import Deployment  # noqa: E402
+from benchmarks import loadgen, machine, repos
+from benchmarks.cases import Case, all_cases, schedule
+from benchmarks.progress import Progress
+from export.preprocess import PreprocessSpec
+from export.repository import read_preprocess_spec
+from export.spec import DEFAULT_TASKS, ENSEMBLE
+from export.triton_config import Deployment
 
 ATOL = 1e-6
 TIMEOUT_S = loadgen.TIMEOUT_S

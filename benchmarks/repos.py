@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from export.precision_gate import DEFAULT_MIN_AGREEMENT
-from export.repository import write_configs, write_repository
+from export.repository import served_version, write_configs, write_repository
 from export.spec import (
     ENSEMBLE,
     HEAD,
@@ -185,6 +185,7 @@ def read_deployment(repo: Path) -> Deployed:
     named = ensemble.parameters.get(PRECISION_PARAMETER) if ensemble is not None else None
     dep = Deployment(
         precision=named.string_value if named is not None and named.string_value else "fp32",
+        model_version=served_version(repo),
         backend=backend,
         max_batch_size=image.max_batch_size,
         max_queue_delay_us=image.dynamic_batching.max_queue_delay_microseconds,

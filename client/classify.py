@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Classify crisis posts (image + tweet text) with the model served by Triton.
 
-One post:   python client/classify.py photo.jpg "Bridge collapsed on Main St #flood"
-A CSV/TSV:  python client/classify.py --batch posts.csv --results results.jsonl
+One post:   crisis-classify photo.jpg "Bridge collapsed on Main St #flood"
+A CSV/TSV:  crisis-classify --batch posts.csv --results results.jsonl
 
-Run from the repository root; the project need not be installed. See --help for every option and
-the exit codes.
+`python client/classify.py ...` is the same command. Either needs the project installed:
+`pip install .` is the thin client (tritonclient and numpy; the names it shares with the server come
+from the standard-library-only `export.names`). See --help for every option and the exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import sys
@@ -23,10 +25,13 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-# Runs as `python client/classify.py` from anywhere without installing the project.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("client") is None:  # `python client/classify.py`, nothing installed
+    sys.exit(
+        "classify.py: the crisis-triton client is not installed for this Python "
+        f"({sys.executable}): run `pip install .` (or `pip install -e .`) in the repository root"
+    )
 
-from client.triton_client import (  # noqa: E402
+from client.triton_client import (
     DEFAULT_RETRY_DEADLINE_S,
     DEFAULT_TIMEOUT_S,
     DEFAULT_URLS,
@@ -40,7 +45,7 @@ from client.triton_client import (  # noqa: E402
     TaskNotServedError,
     normalize_url,
 )
-from export.spec import CAPTION_INPUT, ENSEMBLE, IMAGE_INPUT, TEXT_INPUT  # noqa: E402
+from export.names import CAPTION_INPUT, ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
 
 PROG = "classify.py"
 DEFAULT_CONCURRENCY = 4

@@ -1,10 +1,11 @@
-"""A thin client for the crisis-post classifier served by Triton (`export.spec.ENSEMBLE`).
+"""A thin client for the crisis-post classifier served by Triton (`export.names.ENSEMBLE`).
 
 One request = one post: the raw encoded image file, the tweet text and an optional caption. The
 answer holds one `Prediction` per served task. Everything the client needs to know about the model
 comes from the server: which tasks are served (the `probs_<task>` outputs in the model metadata),
 how many classes each has (the output's shape) and the class labels (Triton's classification
-extension, which reads each output's `label_filename`). Names come from `export.spec`.
+extension, which reads each output's `label_filename`). Names come from `export.names` (standard
+library only: the client needs numpy and `tritonclient`, nothing of the export or serving stack).
 
 Failures are `ClientError`s with a one-line, human-readable message; subclasses say what went
 wrong (`ServerUnreachableError`, `ModelNotReadyError`, `TaskNotServedError`, `InferenceError`,
@@ -26,7 +27,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from export.spec import (
+from export.names import (
     CAPTION_INPUT,
     ENSEMBLE,
     IMAGE_INPUT,

@@ -9,19 +9,22 @@ server down cleanly (exit 0). A start-up failure prints the failed model's error
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import signal
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
-# Runnable as `python deploy/serve.py` from a checkout, without installing the project.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("deploy") is None:  # `python deploy/serve.py`, project not installed
+    sys.exit(
+        "serve.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): run `pip install -e '.[server]'` in the repository root"
+    )
 
-import argparse  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from types import FrameType  # noqa: E402
-
-from deploy.server import (  # noqa: E402
+from deploy.server import (
     DEFAULT_MODEL,
     GRPC_PORT,
     HTTP_PORT,
@@ -67,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-file", type=Path, default=None, help="tritonserver log (default: a temp file)"
     )
     parser.add_argument(
+        "--poll-seconds",
+        type=int,
+        default=None,
+        metavar="S",
+        help="poll the repository every S seconds: a version added with export.py "
+        "--model-version goes live with no restart and no failed request (clients still cannot "
+        "load or unload models). Default: no polling (model control mode none)",
+    )
+    parser.add_argument(
         "--echo-log",
         action="store_true",
         help="also copy tritonserver's log to stderr (in a container: what `logs` shows)",
@@ -104,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file=args.log_file,
         timeout=args.timeout,
         echo_log=args.echo_log,
+        poll_seconds=args.poll_seconds,
     )
     if (warning := shm_warning()) is not None:
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)

@@ -95,6 +95,17 @@ POLICY_ARGS: tuple[str, ...] = (
     "--exit-on-error", "true",
     "--disable-auto-complete-config",
 )  # fmt: skip
+
+
+def policy_args(poll_seconds: float | None = None) -> list[str]:
+    """POLICY_ARGS, with repository polling instead of `none` when `poll_seconds` is given."""
+    args = list(POLICY_ARGS)
+    if poll_seconds is not None:
+        args[args.index("--model-control-mode") + 1] = "poll"
+        args += ["--repository-poll-secs", str(int(poll_seconds))]
+    return args
+
+
 STUB_NAME = "triton_python_backend_stub"
 SUPPORTED_BACKENDS = frozenset({"python"})
 SUPPORTED_PLATFORMS = frozenset({"ensemble"})
@@ -338,6 +349,9 @@ def stub_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
       copy of another patch release.
     """
     env = dict(os.environ if base is None else base)
+    # No __pycache__ written into the repository's version folders: a repository may be
+    # read-only, and under repository polling a new file there reloads the model.
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     if sys.executable:
         bin_dir = Path(sys.executable).parent
         if not (bin_dir / "python3").exists():
@@ -626,6 +640,9 @@ class EmbeddedServer:
         backend_dir: where to build the backends folder (default: a temporary folder).
         env: extra environment variables for tritonserver and its stubs.
         echo_log: also copy tritonserver's output to this process's stderr (containers).
+        poll_seconds: poll the repository every S seconds (``--model-control-mode poll``): a
+            version added by ``export.py --model-version`` goes live without a restart. Clients
+            still cannot load or unload models (Triton refuses those calls in poll mode).
     """
 
     def __init__(
@@ -644,8 +661,12 @@ class EmbeddedServer:
         backend_dir: PathLike | None = None,
         env: Mapping[str, str] | None = None,
         echo_log: bool = False,
+        poll_seconds: float | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        if poll_seconds is not None and poll_seconds < 1:
+            raise ValueError("poll_seconds: Triton polls in whole seconds, at least 1")
+        self.poll_seconds = poll_seconds
         self.echo_log = echo_log
         self.address = address
         self.http_port = int(http_port)
@@ -721,7 +742,7 @@ class EmbeddedServer:
             "--http-port", str(self.http_port),
             "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port),
-            *POLICY_ARGS,
+            *policy_args(self.poll_seconds),
             "--log-verbose", "0",
             "--exit-timeout-secs", str(exit_timeout_secs(self.stop_timeout)),
         ]  # fmt: skip

@@ -19,17 +19,28 @@ Exit codes: 0 built and verified; 1 an engine could not be built or failed its v
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `export` and `deploy` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python export/build_engines.py`: export/ is first on sys.path,
+    # where export/export.py would shadow the `export` package: bind the package by its path instead
+    _init = Path(__file__).with_name("__init__.py")
+    _spec = importlib.util.spec_from_file_location("export", _init)
+    assert _spec is not None and _spec.loader is not None
+    sys.modules["export"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["export"])
+if importlib.util.find_spec("deploy") is None:  # run from a checkout, project not installed
+    sys.exit(
+        "build_engines.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): run `pip install -e '.[tensorrt]'` in the repository root"
+    )
 
-from deploy.engine_check import check_repository  # noqa: E402
-from export.engine_profile import (  # noqa: E402
+from deploy.engine_check import check_repository
+from export.engine_profile import (
     DEFAULT_WORKSPACE_MIB,
     PRECISIONS,
     repository_engines,

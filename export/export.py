@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import platform
 import signal
@@ -32,21 +33,31 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python export/export.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python export/export.py`: export/ is first on sys.path,
+    # where export/export.py would shadow the `export` package: bind the package by its path instead
+    _init = Path(__file__).with_name("__init__.py")
+    _spec = importlib.util.spec_from_file_location("export", _init)
+    assert _spec is not None and _spec.loader is not None
+    sys.modules["export"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["export"])
+if importlib.util.find_spec("deploy") is None:  # run from a checkout, project not installed
+    sys.exit(
+        "export.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): run `pip install -e '.[export]'` in the repository root"
+    )
 
-from export.engine_profile import PRECISIONS  # noqa: E402
-from export.precision import PRECISION_CHOICES  # noqa: E402
-from export.precision_gate import DEFAULT_MIN_AGREEMENT  # noqa: E402
-from export.preprocess import PreprocessSpec  # noqa: E402
-from export.spec import (  # noqa: E402
+from export.engine_profile import PRECISIONS
+from export.precision import PRECISION_CHOICES
+from export.precision_gate import DEFAULT_MIN_AGREEMENT
+from export.preprocess import PreprocessSpec
+from export.spec import (
     ALL_TASKS,
     DEFAULT_TASKS,
     HEAD_VARIANTS,
     RANDOM_WEIGHTS_NOTE,
     build_specs,
 )
-from export.triton_config import BACKENDS, ONNX_FILE, Deployment  # noqa: E402
+from export.triton_config import BACKENDS, ONNX_FILE, Deployment
 
 RANDOM_BANNER = (
     "!" * 78 + "\n"
@@ -201,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tensorrt flavour: write the ONNX files and configs only, even where TensorRT and "
         "a GPU are present (build later with export/build_engines.py)",
+    )
+    ver = p.add_argument_group("versions (a live switch: README 'Versions and live rollout')")
+    ver.add_argument(
+        "--model-version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write version N of every model. Into an existing repository: added beside the "
+        "versions there, the ensemble pinned to N (a server polling the repository switches "
+        "with no failed request). Default: a new repository with version 1",
+    )
+    ver.add_argument(
+        "--keep-versions",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --model-version into an existing repository: keep only the K newest versions "
+        "(K >= 2; default: all)",
     )
     out.add_argument("--max-batch-size", type=int, default=32, help="default: %(default)s")
     out.add_argument(
@@ -493,6 +522,7 @@ def _deployment(args: argparse.Namespace, precision: str) -> Deployment:
         ort_accelerator=args.ort_accelerator or "",
         ort_options=_key_values(args.ort_option or [], "--ort-option"),
         precision=precision,
+        model_version=args.model_version or 1,
     )
 
 
@@ -514,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if precision == "fp32":
                 raise UsageError("--eval-posts feeds the precision gate: add --precision")
             read_eval_posts(args.eval_posts)  # unreadable posts fail before the slow model load
+        adding = _adding_version(args)
     except (ValueError, UsageError, EvalPostsError) as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
         return 2
@@ -550,6 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         passed, summary = _export(args, stage, work, dep, precision, enc, heads, provenance,
                                   preprocess_spec, started)  # fmt: skip
+        if passed and adding:
+            passed = _merge_versions(args, stage, summary)
         if passed:
             publish(stage, args.out)
     finally:
@@ -669,6 +702,7 @@ def _export(
         "heads": provenance,
         "tasks": list(specs.tasks),
         "precision": dep.precision,
+        "model_version": dep.model_version,
         "runtimes": {g.name: _runtime_of(dep, g.name) for g in specs.onnx_graphs},
         "precision_gate": gate_report,
         "engine_precision": args.engine_precision if args.backend == "tensorrt" else None,
@@ -689,6 +723,35 @@ def _export(
         passed = _build_engines(args, stage)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return passed, summary
+
+
+def _adding_version(args: argparse.Namespace) -> bool:
+    """True when --model-version adds a version to an existing repository (checked up front)."""
+    from export.versions import check_new_version
+
+    if args.keep_versions is not None and args.model_version is None:
+        raise UsageError("--keep-versions goes with --model-version")
+    if args.model_version is None or not args.out.is_dir() or not any(args.out.iterdir()):
+        return False
+    if args.configs_only:
+        raise UsageError("--configs-only writes a whole repository; drop --model-version")
+    check_new_version(args.out, args.model_version, args.keep_versions)
+    return True
+
+
+def _merge_versions(args: argparse.Namespace, stage: Path, summary: dict) -> bool:
+    from export.versions import VersionError, merge_previous
+
+    try:
+        versions = merge_previous(args.out, stage, args.model_version, args.keep_versions)
+    except VersionError as exc:
+        print(f"FAILED: {exc}")
+        return False
+    summary["model_version"] = args.model_version
+    summary["versions_in_repository"] = versions
+    (stage / "export_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"version {args.model_version} added; versions in the repository: {versions}")
+    return True
 
 
 def _runtime_of(dep: Deployment, graph: str) -> str:

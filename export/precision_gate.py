@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.preprocess import Preprocessor, PreprocessSpec
+from export.preprocess import PreprocessError, Preprocessor, PreprocessSpec, preprocess_image
 from export.runtimes import Session, open_session
 from export.spec import ModelSpecs
 
@@ -73,6 +73,10 @@ def read_eval_posts(path: Path) -> list[Post]:
         except OSError as exc:
             raise EvalPostsError(f"--eval-posts {path}, line {n}: {image}: {exc}") from None
         caption = row[cc] if cc is not None and cc < len(row) and row[cc] else None
+        try:  # every post must be one the server would answer
+            preprocess_image(data, PreprocessSpec())
+        except PreprocessError as exc:
+            raise EvalPostsError(f"--eval-posts {path}, line {n}: {image.name}: {exc}") from None
         posts.append(Post(data, row[ct], caption))
     return posts
 

@@ -35,7 +35,7 @@ PREPROCESS_MODULE = "crisis_preprocess.py"
 CPUS_MODULE = "crisis_cpus.py"  # beside each python-flavour compute model
 RUNTIMES_MODULE = "crisis_runtimes.py"  # beside each python-flavour compute model
 PREPROCESS_JSON = "preprocess.json"
-VERSION = "1"
+VERSION = "1"  # the ensemble's own version folder (its steps name the composing versions)
 # Packages the python-backend models import (a stock Triton container has numpy already).
 REQUIREMENTS = {
     "preprocess": ["numpy", "pillow>=10", "tokenizers>=0.20"],
@@ -44,8 +44,22 @@ REQUIREMENTS = {
 }
 
 
-def model_dir(repo: Path, name: str) -> Path:
-    return repo / name / VERSION
+def served_version(repo: Path) -> int:
+    """The composing models' version the ensemble is pinned to (export.py --model-version);
+    1 for a repository without an ensemble config or with unpinned steps."""
+    from export.spec import ENSEMBLE
+    from export.triton_config import parse_pbtxt
+
+    config = repo / ENSEMBLE / "config.pbtxt"
+    if not config.is_file():
+        return 1
+    versions = {s.model_version for s in parse_pbtxt(config.read_text()).ensemble_scheduling.step}
+    return versions.pop() if len(versions) == 1 and min(versions) > 0 else 1
+
+
+def model_dir(repo: Path, name: str, version: int | None = None) -> Path:
+    """A composing model's version folder (default: the version the ensemble serves)."""
+    return repo / name / str(version if version is not None else served_version(repo))
 
 
 def preprocess_json(repo: Path) -> Path:
@@ -84,11 +98,11 @@ def write_repository(
     repo.mkdir(parents=True, exist_ok=True)
     write_configs(repo, specs, dep, weights)
     # Ensemble: an empty version folder (kept in git by .gitkeep).
-    ens = model_dir(repo, specs.ensemble.name)
+    ens = repo / specs.ensemble.name / VERSION
     ens.mkdir(parents=True, exist_ok=True)
     (ens / ".gitkeep").touch()
     # Preprocessing: the very module the in-process paths use, its parameters, its vocabulary.
-    pre = model_dir(repo, specs.preprocess.name)
+    pre = model_dir(repo, specs.preprocess.name, dep.model_version)
     pre.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TEMPLATES / "preprocess_model.py", pre / "model.py")
     shutil.copyfile(preprocess_module.__file__, pre / PREPROCESS_MODULE)
@@ -96,7 +110,7 @@ def write_repository(
     shutil.copyfile(DEFAULT_ASSETS / preprocess_spec.vocab_file, pre / preprocess_spec.vocab_file)
     # Compute models.
     for graph in specs.onnx_graphs:
-        version = model_dir(repo, graph.name)
+        version = model_dir(repo, graph.name, dep.model_version)
         version.mkdir(parents=True, exist_ok=True)
         if dep.backend == "python":
             shutil.copyfile(TEMPLATES / "onnx_model.py", version / "model.py")
@@ -119,4 +133,4 @@ def write_repository(
 
 
 def model_file(repo: Path, graph_name: str, dep: Deployment) -> Path:
-    return model_dir(repo, graph_name) / FLAVOURS[dep.backend]["model_file"]
+    return model_dir(repo, graph_name, dep.model_version) / FLAVOURS[dep.backend]["model_file"]

@@ -1,8 +1,10 @@
 """The one source of truth: tasks and labels, tensor names/dtypes/dims of every graph, tolerances.
 
-Standard library only (plus the torch-free preprocessing module), so the client, the Triton python
-models and the tests import it without torch. Everything else (ONNX export, validation,
-config.pbtxt, client, tests) derives from the specs built here; no tensor name is typed elsewhere.
+Standard library only (plus the torch-free preprocessing module), so the Triton python models and
+the tests import it without torch. The names the client shares with the server (tasks, labels,
+model and tensor names, config parameters) are defined in `export/names.py`, standard library
+only, and re-exported here. Everything else (ONNX export, validation, config.pbtxt, client, tests)
+derives from the specs built here; no tensor name is typed elsewhere.
 """
 
 from __future__ import annotations
@@ -13,74 +15,73 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The names the client shares with the server live in export/names.py (standard library only, so
+# the thin client imports them without the preprocessing stack); re-exported here.
+from export.names import (
+    ALL_TASKS,
+    CAPTION_INPUT,
+    DEFAULT_TASKS,
+    ENSEMBLE,
+    HEAD,
+    IMAGE_ENCODER,
+    IMAGE_FEATURES,
+    IMAGE_INPUT,
+    INPUT_IDS,
+    LABELS,
+    PIXELS,
+    PRECISION_PARAMETER,
+    PREPROCESS,
+    RANDOM_WEIGHTS_NOTE,
+    TEXT_ENCODER,
+    TEXT_FEATURES,
+    TEXT_INPUT,
+    WEIGHTS_PARAMETER,
+    label_file,
+    probs_name,
+    task_of_output,
+)
 from export.preprocess import PreprocessSpec
 
-# ------------------------------------------------------------------------------ tasks and labels
+__all__ = [
+    # export/names.py
+    "ALL_TASKS",
+    "CAPTION_INPUT",
+    "DEFAULT_TASKS",
+    "ENSEMBLE",
+    "HEAD",
+    "IMAGE_ENCODER",
+    "IMAGE_FEATURES",
+    "IMAGE_INPUT",
+    "INPUT_IDS",
+    "LABELS",
+    "PIXELS",
+    "PRECISION_PARAMETER",
+    "PREPROCESS",
+    "RANDOM_WEIGHTS_NOTE",
+    "TEXT_ENCODER",
+    "TEXT_FEATURES",
+    "TEXT_INPUT",
+    "WEIGHTS_PARAMETER",
+    "label_file",
+    "probs_name",
+    "task_of_output",
+    # this module
+    "CONFIG_DIR",
+    "HEAD_VARIANTS",
+    "TENSORRT_MIN_COSINE",
+    "TENSORRT_PROBS_ATOL",
+    "TENSORRT_TOP1_MARGIN",
+    "TRITON_DTYPES",
+    "EncoderConfig",
+    "GraphSpec",
+    "ModelSpecs",
+    "TensorSpec",
+    "build_specs",
+    "list_encoder_configs",
+    "load_encoder_config",
+]
 
-LABELS: dict[str, tuple[str, ...]] = {
-    "task1": ("not_informative", "informative"),
-    "task2": (
-        "infrastructure_and_utility_damage",
-        "not_humanitarian",
-        "other_relevant_information",
-        "rescue_volunteering_or_donation_effort",
-        "vehicle_damage",
-        "affected_individuals",
-    ),
-    "task2_full": (
-        "infrastructure_and_utility_damage",
-        "not_humanitarian",
-        "other_relevant_information",
-        "rescue_volunteering_or_donation_effort",
-        "vehicle_damage",
-        "affected_individuals",
-        "injured_or_dead_people",
-        "missing_or_found_people",
-    ),
-    "task3": ("little_or_no_damage", "mild_damage", "severe_damage"),
-}
-ALL_TASKS: tuple[str, ...] = tuple(LABELS)
-DEFAULT_TASKS: tuple[str, ...] = ("task1", "task2", "task3")
 HEAD_VARIANTS: tuple[str, ...] = ("guided_ca_diff", "guided_ca")
-
-
-def probs_name(task: str) -> str:
-    """Name of a task's probability output, in the head graph and the ensemble alike."""
-    return f"probs_{task}"
-
-
-def label_file(task: str) -> str:
-    return f"labels_{task}.txt"
-
-
-def task_of_output(name: str) -> str | None:
-    task = name.removeprefix("probs_")
-    return task if name.startswith("probs_") and task in LABELS else None
-
-
-# ----------------------------------------------------------------------------- model names
-
-ENSEMBLE = "crisis_classifier"
-PREPROCESS = "preprocess"
-IMAGE_ENCODER = "image_encoder"
-TEXT_ENCODER = "text_encoder"
-HEAD = "fusion_head"
-
-# Ensemble config parameter telling clients where the weights came from ("RANDOM ..." when random).
-WEIGHTS_PARAMETER = "weights"
-RANDOM_WEIGHTS_NOTE = "RANDOM weights: for tests and demos, predictions are meaningless"
-# Ensemble config parameter naming the encoders' precision when it is not fp32 (int8, bf16, fp16).
-PRECISION_PARAMETER = "precision"
-
-# Ensemble / preprocess request inputs (raw post).
-IMAGE_INPUT = "image"
-TEXT_INPUT = "text"
-CAPTION_INPUT = "caption"
-# Intermediate tensors.
-PIXELS = "pixel_values"
-INPUT_IDS = "input_ids"
-IMAGE_FEATURES = "image_features"
-TEXT_FEATURES = "text_features"
 
 # TensorRT engines against ONNX Runtime on the same inputs (export/tensorrt_build.py): every
 # feature vector within this cosine; probabilities within this max abs diff, with the same top-1

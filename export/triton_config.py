@@ -54,6 +54,11 @@ OPENVINO_PARAMETERS: dict[str, str] = {
 }
 
 
+# Versions of each composing model Triton keeps loaded (version_policy latest): the one the
+# ensemble is pinned to and the one before, so that while a new version rolls out (the ensemble's
+# config changes last) the version still pinned is never unloaded under a running request.
+LOADED_VERSIONS = 2
+
 # Parameters of Triton's ONNX Runtime backend accelerators (onnxruntime_backend README, "Model
 # Config Options"); the TensorRT provider's profile shapes are added from the model's inputs.
 ORT_ACCELERATOR_DEFAULTS: dict[str, dict[str, str]] = {
@@ -107,6 +112,9 @@ class Deployment:
     # What the encoders compute in (runtimes.PRECISIONS); the head stays FP32 but for fp16
     # graphs (and in the openvino flavour, which cannot force f32: FLAVOUR_PRECISIONS).
     precision: str = "fp32"
+    # The version the ensemble's steps are pinned to (export.py --model-version): one request
+    # never mixes versions, and a new version goes live when the ensemble's config names it.
+    model_version: int = 1
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -118,6 +126,8 @@ class Deployment:
             )
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if self.model_version < 1:
+            raise ValueError("model versions are positive integers")
         if any(b < 1 or b > self.max_batch_size for b in self.preferred_batch_sizes):
             raise ValueError("preferred batch sizes must lie in 1..max_batch_size")
         if self.ort_accelerator not in ("", *ORT_ACCELERATOR_DEFAULTS):
@@ -178,6 +188,7 @@ def preprocess_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.Mode
             "output": [_tensor(t) for t in spec.outputs],
             "dynamic_batching": _batching(dep),
             "instance_group": [{"kind": "KIND_CPU", "count": dep.preprocess_instances}],
+            "version_policy": {"latest": {"num_versions": LOADED_VERSIONS}},
         }
     )
 
@@ -191,6 +202,7 @@ def compute_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.ModelCo
         "output": [_tensor(t, with_labels=True) for t in spec.outputs],
         "dynamic_batching": _batching(dep),
         "instance_group": [{"kind": dep.kind, "count": dep.compute_instances}],
+        "version_policy": {"latest": {"num_versions": LOADED_VERSIONS}},
     }
     precision = dep.graph_precision(spec.name)
     if dep.backend == "python":
@@ -257,7 +269,7 @@ def ensemble_config(
     def step(g: GraphSpec) -> dict:
         return {
             "model_name": g.name,
-            "model_version": -1,
+            "model_version": dep.model_version,
             "input_map": {t.name: t.name for t in g.inputs},
             "output_map": {t.name: t.name for t in g.outputs},
         }

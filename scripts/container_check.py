@@ -19,26 +19,29 @@ Exit 0: all held; 1: something did not; 77: no container engine can run containe
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("deploy") is None:  # run from a checkout, project not installed
+    sys.exit(
+        "container_check.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): run `pip install -e '.[export,server]'` in the repository root"
+    )
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
-from collections.abc import Mapping, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
-
-from deploy.container_runtime import NoContainers, Runtime, detect  # noqa: E402
-from deploy.server import (  # noqa: E402
+from deploy.container_runtime import NoContainers, Runtime, detect
+from deploy.server import (
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PATH,
@@ -49,6 +52,7 @@ from deploy.server import (  # noqa: E402
     free_port,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SKIP = 77
 TOLERANCE = 1e-6
 BASE_IMAGE = "localhost/debian:bookworm"

@@ -9,21 +9,26 @@ head top-1 agreement), which decides what must stay FP32 in an FP16 engine.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("export") is None:  # run from a checkout, project not installed
+    sys.exit(
+        "gpu_check.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): run `pip install -e '.[export]'` in the repository root"
+    )
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from export.encoders import hf_encoders  # noqa: E402
-from export.head import build_multitask_head, random_head  # noqa: E402
-from export.sample_inputs import fixed_inputs  # noqa: E402
-from export.spec import DEFAULT_TASKS, build_specs  # noqa: E402
+from export.encoders import hf_encoders
+from export.head import build_multitask_head, random_head
+from export.sample_inputs import fixed_inputs
+from export.spec import DEFAULT_TASKS, build_specs
 
 
 def timed(fn, reps: int) -> list[float]:

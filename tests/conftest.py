@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+# The project's packages import from the repository root: pyproject.toml's [tool.pytest.ini_options]
+# `pythonpath = ["."]` (and `pip install -e .` for the scripts the tests run as users do).
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def run_export(*args: str) -> int:

@@ -22,12 +22,8 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from client import classify as cli  # noqa: E402
-from client.triton_client import (  # noqa: E402
+from client import classify as cli
+from client.triton_client import (
     ClientError,
     CrisisClient,
     InferenceError,
@@ -42,7 +38,7 @@ from client.triton_client import (  # noqa: E402
     prediction_from_classification,
     strip_triton_prefix,
 )
-from export.spec import (  # noqa: E402
+from export.spec import (
     CAPTION_INPUT,
     ENSEMBLE,
     IMAGE_INPUT,
@@ -51,6 +47,7 @@ from export.spec import (  # noqa: E402
     probs_name,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "client" / "classify.py"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8  # bytes only: nothing here decodes images
 TASK1 = "task1"
@@ -654,8 +651,7 @@ def test_batch_survives_kill_9(tmp_path: Path) -> None:
     script.write_text(
         textwrap.dedent(
             f"""
-            import sys, time
-            sys.path.insert(0, {str(ROOT)!r})
+            import time
             from client import classify as cli
             from client.triton_client import prediction_from_classification
 
@@ -669,7 +665,8 @@ def test_batch_survives_kill_9(tmp_path: Path) -> None:
             """
         )
     )
-    proc = subprocess.Popen([sys.executable, str(script)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout, installed or not
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
     journal = cli.journal_path(results)
     deadline = time.monotonic() + 30
     try:

@@ -173,8 +173,10 @@ def test_eval_posts_feed_the_gate(tmp_path: Path) -> None:
     assert run_export(*args, "--out", str(out)) == 0
     gate_report = json.loads((out / "export_report.json").read_text())["precision_gate"]["gate"]
     assert gate_report["count"] == 6 and str(csv_path) in gate_report["posts"]
-    (tmp_path / "p3.jpg").unlink()
+    (tmp_path / "p3.jpg").write_bytes(b"GIF89a truncated")
     assert run_export(*args, "--out", str(tmp_path / "other")) == 2  # before any model loads
+    (tmp_path / "p3.jpg").unlink()
+    assert run_export(*args, "--out", str(tmp_path / "other")) == 2
     assert not (tmp_path / "other").exists()
 
 
