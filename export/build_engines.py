@@ -39,7 +39,7 @@ if importlib.util.find_spec("deploy") is None:  # run from a checkout, project n
         f"({sys.executable}): run `pip install -e '.[tensorrt]'` in the repository root"
     )
 
-from deploy.engine_check import check_repository
+from export.engine_facts import check_repository
 from export.engine_profile import (
     DEFAULT_WORKSPACE_MIB,
     PRECISIONS,

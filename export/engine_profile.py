@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2
 
-from deploy.engine_check import ONNX_FILE, PLAN_FILE, PLATFORM, tensorrt_models
+from export.engine_facts import ONNX_FILE, PLAN_FILE, PLATFORM, tensorrt_models
 from export.triton_config import opt_batch_size, parse_pbtxt, shapes_arg
 
 PRECISIONS = ("fp16", "fp32")  # engine precisions of build_engines.py / export.py

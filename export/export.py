@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensorrt flavour: write the ONNX files and configs only, even where TensorRT and "
         "a GPU are present (build later with export/build_engines.py)",
     )
-    ver = p.add_argument_group("versions (a live switch: README 'Versions and live rollout')")
+    ver = p.add_argument_group("versions (a live switch: docs/versions.md)")
     ver.add_argument(
         "--model-version",
         type=int,
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ort-accelerator",
         choices=("tensorrt", "cuda"),
         help="onnxruntime flavour on GPU: ask Triton's ONNX Runtime backend for its TensorRT "
-        "provider (FP16, engines built at load and cached; README 'GPU') or for the CUDA "
+        "provider (FP16, engines built at load and cached; docs/gpu.md) or for the CUDA "
         "provider with --ort-option settings. Default: the backend's CUDA provider",
     )
     out.add_argument(

@@ -9,7 +9,7 @@ head stay FP32 (ConvInteger is slower than FP32 Conv on ONNX Runtime's CPU provi
 `reduce_range` (7-bit weights) exists for CPUs without VNNI, where u8 x s8 products summed in 16
 bits can saturate (ONNX Runtime's quantization docs); with VNNI or AMX the full 8 bits are exact
 and faster to reach the same agreement. `default_reduce_range()` chooses by the CPU's flags; the
-README records the measured difference.
+docs/precision.md records the measured difference.
 """
 
 from __future__ import annotations

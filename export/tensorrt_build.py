@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deploy.engine_check import BuildFacts, Gpu, facts_path, file_sha256, local_gpus, short_version
+from export.engine_facts import BuildFacts, Gpu, facts_path, file_sha256, local_gpus, short_version
 from export.engine_profile import DEFAULT_WORKSPACE_MIB, PRECISIONS, EngineSpec, trtexec_command
 from export.sample_inputs import fixed_input
 from export.spec import (

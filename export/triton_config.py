@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from deploy.engine_check import ONNX_FILE, PLAN_FILE, PLATFORM
+from export.engine_facts import ONNX_FILE, PLAN_FILE, PLATFORM
 from export.runtimes import OPENVINO, PRECISIONS, RUNTIME_OF
 from export.spec import (
     HEAD,
@@ -45,7 +45,7 @@ FLAVOUR_PRECISIONS: dict[str, tuple[str, ...]] = {
 # Triton's OpenVINO backend (openvino_backend README, "Parameters"): one stream and the latency
 # hint (Triton's batcher forms the batches). The backend fixes the batch to max_batch_size
 # (ov::set_batch), so every batch is padded to it: ENABLE_BATCH_PADDING, and preferred batch
-# size = max_batch_size unless set (README "openvino flavour").
+# size = max_batch_size unless set (docs/precision.md, "Flavours for a stock Triton").
 OPENVINO_PARAMETERS: dict[str, str] = {
     "NUM_STREAMS": "1",
     "PERFORMANCE_HINT": "LATENCY",

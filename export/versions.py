@@ -10,8 +10,7 @@ in one ensemble, whose steps all name the same version: it never mixes versions.
 
 A new version must not change the deployment (the composing models' configs): a config change
 reloads every version of that model, which a live switch cannot promise to do without failed
-requests. Such an export fails with the reason; roll it out as a new repository (README, "Versions
-and live rollout").
+requests. Such an export fails with the reason; roll it out as a new repository (docs/versions.md).
 """
 
 from __future__ import annotations
@@ -88,8 +87,7 @@ def merge_previous(out: Path, stage: Path, version: int, keep: int | None) -> li
         raise VersionError(
             f"version {version} changes the deployment of {differ} (configs differ from "
             f"{out}'s): a live switch would reload every version of those models. Export it to a "
-            "new repository and roll it out with a rolling update (README, 'Versions and live "
-            "rollout')"
+            "new repository and roll it out with a rolling update (docs/versions.md)"
         )
     kept: set[int] = {version}
     for model in composing_models(out):

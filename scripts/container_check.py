@@ -191,7 +191,7 @@ def run_container(runtime: Runtime, repository: Path, name: str) -> dict[str, in
     args = ["run", "-d", "--name", name, *runtime.run_flags]
     args += ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL"]
     args += ["--security-opt", "no-new-privileges"]
-    args += ["--shm-size", "512m"]  # the python backend's pools (README, Reliability: /dev/shm)
+    args += ["--shm-size", "512m"]  # the python backend's pools (docs/reliability.md: /dev/shm)
     args += ["-p", f"127.0.0.1:{ports['http']}:{HTTP_PORT}"]
     args += ["-p", f"127.0.0.1:{ports['grpc']}:{GRPC_PORT}"]
     args += ["-p", f"127.0.0.1:{ports['metrics']}:{METRICS_PORT}"]

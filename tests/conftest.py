@@ -19,7 +19,7 @@ def run_export(*args: str) -> int:
 
 # A 2 MiB request limit (the default is 20 MiB): the over-limit requests of the reliability tests
 # then fit the 64 MiB /dev/shm of a default container, where the python backend's shared-memory
-# pools live (README, Reliability: sizing /dev/shm).
+# pools live (docs/reliability.md: sizing /dev/shm).
 TINY_EXPORT_ARGS = (
     "--random-weights", "--size", "tiny", "--seed", "3", "--max-image-bytes", str(2 * 1024 * 1024),
 )  # fmt: skip

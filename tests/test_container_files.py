@@ -45,8 +45,8 @@ def test_targets_and_bases() -> None:
     assert STAGES["gpu"].base == "nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3"
     release = dockerfile_args(DOCKERFILE.read_text())["TRITON_RELEASE"]
     assert re.fullmatch(r"\d\d\.\d\d", release)
-    # the README says which TensorRT goes with the default release
-    assert f"`TRITON_RELEASE={release}`" in (ROOT / "README.md").read_text()
+    # the deploy docs say which TensorRT goes with the default release
+    assert f"`TRITON_RELEASE={release}`" in (ROOT / "docs" / "deploy.md").read_text()
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
@@ -69,6 +69,33 @@ def test_gpu_entrypoint_checks_engines_then_execs_the_command() -> None:
     assert "deploy/engine_check.py /opt/crisis-triton/deploy/engine_check.py" in STAGES["gpu"].all(
         "COPY"
     )
+    assert "export/engine_facts.py /opt/crisis-triton/deploy/crisis_engine_facts.py" in STAGES[
+        "gpu"
+    ].all("COPY")
+
+
+def test_engine_check_runs_as_copied_into_the_image(tmp_path) -> None:
+    """As in NVIDIA's image: the two files alone in a folder, no project package importable
+    (python -S: no site-packages), standard library only; it refuses a tensorrt repository whose
+    engines were never built, by name."""
+    import shutil
+    import sys
+
+    from tests.conftest import run_export
+
+    repo = tmp_path / "trt"
+    assert run_export("--configs-only", "--backend", "tensorrt", "--out", str(repo)) == 0
+
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    shutil.copy(ROOT / "deploy" / "engine_check.py", folder / "engine_check.py")
+    shutil.copy(ROOT / "export" / "engine_facts.py", folder / "crisis_engine_facts.py")
+    run = subprocess.run(
+        [sys.executable, "-S", str(folder / "engine_check.py"), "--model-repository", str(repo)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 78, run.stderr
+    assert "image_encoder/1/model.plan: missing" in run.stderr
 
 
 def test_gpu_command_is_the_embedded_servers_policy() -> None:

@@ -5,7 +5,7 @@ benchmarks) and inside Triton (it is copied verbatim next to the `preprocess` py
 It therefore depends on numpy, Pillow and `tokenizers` only: no torch, and nothing else of this
 project. Its parameters are data (`PreprocessSpec`), written as `preprocess.json` beside the model.
 
-Fidelity to the research code (see README, "Preprocessing"):
+Fidelity to the research code (see docs/fidelity.md):
 - text = tweet_text + caption (no separator), then: leading "RT " removed, everything from the first
   http(s):// link to the end of its line removed together with the line breaks right after it, every
   "#" removed. Kept exactly, quirks included (a link eats the rest of its line, caption included).
