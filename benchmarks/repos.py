@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from export.precision_gate import DEFAULT_MIN_AGREEMENT
-from export.repository import served_version, write_configs, write_repository
+from export.repository import (
+    read_deployment_json,
+    served_version,
+    write_configs,
+    write_repository,
+)
 from export.spec import (
     ENSEMBLE,
     HEAD,
@@ -174,6 +179,23 @@ def read_deployment(repo: Path) -> Deployed:
     encoder = encoder_config_of(repo, configs)
     tasks = tuple(t for o in configs[HEAD].output if (t := task_of_output(o.name)))
     specs = build_specs(encoder, tasks)
+    dep = read_deployment_json(repo) or _deployment_from_configs(repo, configs)
+    ensemble = configs.get(ENSEMBLE)
+    param = ensemble.parameters.get(WEIGHTS_PARAMETER) if ensemble is not None else None
+    weights = param.string_value if param is not None and param.string_value else None
+    expected = all_configs(specs, dep, weights)
+    differ = sorted(n for n, c in expected.items() if configs.get(n) != c)
+    if differ:
+        raise ValueError(
+            f"{repo}: the configs of {differ} are not what export/export.py writes for "
+            f"{dep}; refusing to rewrite them"
+        )
+    return Deployed(encoder, specs, dep, weights)
+
+
+def _deployment_from_configs(repo: Path, configs: dict) -> Deployment:
+    """A repository exported before deployment.json existed: its settings read back from the
+    configs (then checked, like deployment.json's, by regenerating the configs from them)."""
     image, pre = configs[IMAGE_ENCODER], configs[PREPROCESS]
     if image.platform:
         backend = next(k for k, v in FLAVOURS.items() if v.get("platform") == image.platform)
@@ -198,17 +220,7 @@ def read_deployment(repo: Path) -> Deployed:
         ort_accelerator=accel[0].name if accel else "",
         ort_options=ort_options_of(accel[0].name, dict(accel[0].parameters)) if accel else {},
     )
-    ensemble = configs.get(ENSEMBLE)
-    param = ensemble.parameters.get(WEIGHTS_PARAMETER) if ensemble is not None else None
-    weights = param.string_value if param is not None and param.string_value else None
-    expected = all_configs(specs, dep, weights)
-    differ = sorted(n for n, c in expected.items() if configs.get(n) != c)
-    if differ:
-        raise ValueError(
-            f"{repo}: the configs of {differ} are not what export/export.py writes for "
-            f"{dep}; refusing to rewrite them"
-        )
-    return Deployed(encoder, specs, dep, weights)
+    return dep
 
 
 def apply_deployment(repo: Path, **changes: int) -> tuple[Deployment, Deployment]:

@@ -1,19 +1,18 @@
 """Run the ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel as a subprocess.
 
-The wheel brings tritonserver 2.x with the python backend only (plus ensembles): no ONNX
-Runtime, no TensorRT backend. This module finds the binary without importing pytriton,
-prepares a backends folder holding the python-backend stub that matches the running
-interpreter, checks a model repository against what that server can load, and runs the
-server until every model is ready, reporting a failed model load with the model's own error.
+The serving contract (ports, probe paths, the policy flags, the stop deadline) and
+:class:`EmbeddedServer`, which checks a model repository against what the embedded server can
+load, starts tritonserver with this Python's python-backend stub, and waits until every model is
+ready, reporting a failed model load with the model's own error. The parts live beside it:
 
-Environment of the server (the stub is an embedded CPython started by the python backend):
+- ``deploy/tritonserver_install.py``: the binary in the wheel, the backends folder with the stub
+  for this Python, the stub's environment (:func:`find_tritonserver`,
+  :func:`prepare_backend_dir`, :func:`stub_environment`, :class:`TritonNotFoundError`);
+- ``deploy/repository_check.py``: :func:`check_repository`, :class:`RepositoryError`;
+- ``deploy/net.py``: :func:`free_port`, port checks, the readiness HTTP requests;
+- ``deploy/server_log.py``: reading tritonserver's log, :class:`ServerStartError`.
 
-- The stub's interpreter finds its ``sys.prefix`` by looking up ``python3`` on ``PATH``; with
-  the running interpreter's bin folder first on ``PATH`` it finds the virtual environment's
-  ``pyvenv.cfg`` and hence the same site-packages as this process.
-- The stub links ``libpython3.X.so.1.0`` by name; without help the dynamic loader may pick a
-  system copy of another patch release (whose stdlib then mismatches). The interpreter's
-  ``LIBDIR`` goes first on ``LD_LIBRARY_PATH`` when it is a shared build.
+Every name of ``__all__`` is importable from here, as before the split.
 
 Example::
 
@@ -25,33 +24,43 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes.util
-import functools
-import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tritonclient.grpc.model_config_pb2 import ModelConfig
+# The names below moved out of this module; `X as X`: also re-exported (like those of __all__).
+from deploy.net import client_host, free_port, http_request, port_in_use
+from deploy.repository_check import EXPORT_REPORT as EXPORT_REPORT
+from deploy.repository_check import SUPPORTED_BACKENDS as SUPPORTED_BACKENDS
+from deploy.repository_check import SUPPORTED_PLATFORMS as SUPPORTED_PLATFORMS
+from deploy.repository_check import RepositoryError, check_repository
+from deploy.server_log import (
+    LOG_TAIL_LINES,
+    ServerStartError,
+    log_errors,
+    still_loading,
+    tail,
+    tee,
+)
+from deploy.tritonserver_install import STUB_NAME as STUB_NAME
+from deploy.tritonserver_install import (
+    PathLike,
+    TritonNotFoundError,
+    find_tritonserver,
+    prepare_backend_dir,
+    stub_environment,
+    supported_flags,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -106,16 +115,6 @@ def policy_args(poll_seconds: float | None = None) -> list[str]:
     return args
 
 
-STUB_NAME = "triton_python_backend_stub"
-SUPPORTED_BACKENDS = frozenset({"python"})
-SUPPORTED_PLATFORMS = frozenset({"ensemble"})
-_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-_INSTALL_HINT = "pip install 'nvidia-pytriton>=0.7' (or: pip install '.[server]')"
-_LOG_TAIL_LINES = 40
-
-PathLike = str | os.PathLike[str]
-
-
 SHM_DIR = Path("/dev/shm")
 MIN_SHM_BYTES = 256 * 1024 * 1024
 
@@ -143,477 +142,7 @@ def exit_timeout_secs(stop_timeout: float = STOP_TIMEOUT) -> int:
     return max(1, int(stop_timeout) - 5)
 
 
-class TritonNotFoundError(RuntimeError):
-    """The embedded tritonserver (or its python-backend stub for this Python) is missing."""
-
-
-class RepositoryError(ValueError):
-    """A model repository the embedded tritonserver cannot load."""
-
-
-class ServerStartError(RuntimeError):
-    """tritonserver exited, or did not become ready in time.
-
-    Attributes:
-        model_errors: model name -> Triton's error text for each model that failed to load.
-        errors: other error lines of the log (used when no model error was found).
-        log_file: the server's log (kept after a failure).
-        log_tail: the last lines of that log.
-        returncode: the exit status of tritonserver, None if it was still running.
-    """
-
-    def __init__(
-        self,
-        headline: str,
-        *,
-        model_errors: Mapping[str, str] | None = None,
-        errors: Sequence[str] = (),
-        log_file: Path | None = None,
-        log_tail: str = "",
-        returncode: int | None = None,
-    ) -> None:
-        self.headline = headline
-        self.model_errors: dict[str, str] = dict(model_errors or {})
-        self.errors: list[str] = list(errors)
-        self.log_file = log_file
-        self.log_tail = log_tail
-        self.returncode = returncode
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        lines = [self.headline]
-        for name, error in self.model_errors.items():
-            lines.append(f"model '{name}' failed to load: {_indent(error)}")
-        if not self.model_errors:
-            lines.extend(self.errors)
-        if self.log_file is not None:
-            lines.append(f"--- last lines of {self.log_file} ---")
-        if self.log_tail:
-            lines.append(self.log_tail.rstrip("\n"))
-        return "\n".join(lines)
-
-    def summary(self) -> str:
-        """One line: each failed model's error (first line and innermost frame), log path."""
-        if self.model_errors:
-            parts = []
-            for name, error in self.model_errors.items():
-                cause = _DEPENDS_ON.search(error)
-                if cause and cause[1] in self.model_errors:  # its cause is reported already
-                    parts.append(f"model '{name}' failed to load: it needs '{cause[1]}'")
-                else:
-                    parts.append(f"model '{name}' failed to load: {_one_line(error)}")
-        elif self.errors:
-            parts = [self.headline, self.errors[-1]]
-        else:
-            parts = [self.headline]
-        text = "; ".join(parts)
-        if self.log_file is not None:
-            text += f" (full log: {self.log_file})"
-        return text
-
-
-_DEPENDS_ON = re.compile(r"depends on '([^']+)' which has no loaded version")
-
-
-def _indent(text: str) -> str:
-    """Lines after the first indented by 4 (blank lines left empty)."""
-    lines = [line.rstrip() for line in text.strip().splitlines()] or [""]
-    return "\n".join([lines[0]] + [f"    {line}" if line else "" for line in lines[1:]])
-
-
-def _one_line(error: str) -> str:
-    """First line of a Triton error, plus the innermost frame of its python ``At:`` list."""
-    lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
-    if not lines:
-        return "(no message)"
-    first = lines[0]
-    if "At:" in lines[1:]:
-        frames = lines[lines.index("At:", 1) + 1 :]
-        if frames:
-            return f"{first} [at {frames[0]}]"
-    return first
-
-
-# --------------------------------------------------------------------------- locating
-
-
-def _pytriton_dir() -> Path:
-    """The installed ``pytriton`` package folder, found without importing the package."""
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonNotFoundError(
-            f"nvidia-pytriton is not installed, and it brings the embedded tritonserver: "
-            f"{_INSTALL_HINT}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def find_tritonserver() -> Path:
-    """Path of the ``tritonserver`` binary inside the installed nvidia-pytriton wheel."""
-    binary = _pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
-    if not binary.is_file():
-        raise TritonNotFoundError(
-            f"{binary} is missing: the installed nvidia-pytriton has no tritonserver; "
-            f"reinstall it: {_INSTALL_HINT}"
-        )
-    if not os.access(binary, os.X_OK):
-        raise TritonNotFoundError(f"{binary} is not executable")
-    return binary
-
-
-@functools.lru_cache(maxsize=4)
-def _supported_flags(binary: Path) -> frozenset[str]:
-    """The ``--flags`` that ``tritonserver --help`` lists (empty if --help fails)."""
-    try:
-        done = subprocess.run(
-            [str(binary), "--help"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return frozenset()
-    return frozenset(re.findall(r"^\s*(--[a-z0-9-]+)", done.stdout + done.stderr, re.M))
-
-
-def _stub_for_this_python() -> Path:
-    stubs = _pytriton_dir() / "tritonserver" / "python_backend_stubs"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = stubs / version / STUB_NAME
-    if not stub.is_file():
-        available = sorted(
-            (p.name for p in stubs.glob("*") if (p / STUB_NAME).is_file()),
-            key=lambda v: tuple(int(x) if x.isdigit() else 0 for x in v.split(".")),
-        )
-        raise TritonNotFoundError(
-            f"nvidia-pytriton has no {STUB_NAME} for Python {version} "
-            f"(it has: {', '.join(available) or 'none'}); run with one of those Python versions"
-        )
-    _check_libpython(version)
-    return stub
-
-
-def _check_libpython(version: str) -> None:
-    """The stub links libpython<version>.so.1.0 by name; Debian's python3 does not install it."""
-    name = f"libpython{version}.so.1.0"
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    if libdir and (Path(libdir) / name).exists():
-        return
-    if ctypes.util.find_library(f"python{version}"):
-        return
-    raise TritonNotFoundError(
-        f"{name} not found: the python backend stub needs it (Debian/Ubuntu: "
-        f"apt-get install libpython{version}; scripts/setup.sh does this when run as root)"
-    )
-
-
-def _symlink(target: Path, link: Path) -> None:
-    """Make ``link`` point at ``target``, replacing whatever is there (atomically)."""
-    if link.is_symlink() and Path(os.readlink(link)) == target:
-        return
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
-
-
-def prepare_backend_dir(cache_dir: PathLike) -> Path:
-    """Build a ``--backend-directory`` whose ``python/`` holds the python backend.
-
-    ``cache_dir/python/`` gets symlinks to ``libtriton_python.so``,
-    ``triton_python_backend_utils.py`` and the ``triton_python_backend_stub`` built for the
-    running interpreter's major.minor. Symlinks, not copies: the stub and the backend find
-    their bundled libraries through ``$ORIGIN``-relative RPATHs into the wheel. Idempotent.
-    Returns ``cache_dir``.
-    """
-    stub = _stub_for_this_python()
-    backend = _pytriton_dir() / "tritonserver" / "backends" / "python"
-    sources = {name: backend / name for name in _BACKEND_FILES}
-    sources[STUB_NAME] = stub
-    for source in sources.values():
-        if not source.is_file():
-            raise TritonNotFoundError(f"{source} is missing; reinstall: {_INSTALL_HINT}")
-    root = Path(cache_dir)
-    python_dir = root / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for name, source in sources.items():
-        _symlink(source, python_dir / name)
-    return root
-
-
-def stub_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for tritonserver so its python-backend stubs run this very interpreter.
-
-    - the running interpreter's bin folder (not resolved: in a venv it is the venv's) goes
-      first on ``PATH``: the stub's CPython finds its prefix from ``python3`` on ``PATH``, so
-      it picks up the venv's ``pyvenv.cfg`` and site-packages;
-    - for a shared-library build, ``sysconfig``'s ``LIBDIR`` goes first on
-      ``LD_LIBRARY_PATH`` so the stub loads this interpreter's ``libpython``, not a system
-      copy of another patch release.
-    """
-    env = dict(os.environ if base is None else base)
-    # No __pycache__ written into the repository's version folders: a repository may be
-    # read-only, and under repository polling a new file there reloads the model.
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    if sys.executable:
-        bin_dir = Path(sys.executable).parent
-        if not (bin_dir / "python3").exists():
-            warnings.warn(
-                f"{bin_dir} has no 'python3': python-backend models may not see the "
-                "site-packages of this interpreter",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        env["PATH"] = _prepend(str(bin_dir), env.get("PATH") or os.defpath)
-    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        libdir = sysconfig.get_config_var("LIBDIR")
-        soname = sysconfig.get_config_var("INSTSONAME") or ""
-        if libdir and (Path(libdir) / soname).exists():
-            env["LD_LIBRARY_PATH"] = _prepend(libdir, env.get("LD_LIBRARY_PATH", ""))
-    return env
-
-
-def _prepend(entry: str, path_list: str) -> str:
-    rest = [p for p in path_list.split(os.pathsep) if p and p != entry]
-    return os.pathsep.join([entry, *rest])
-
-
-# --------------------------------------------------------------------------- repository
-
-
-EXPORT_REPORT = "export_report.json"
-
-
-def _refusal(name: str, what: str) -> RepositoryError:
-    return RepositoryError(
-        f"model '{name}' needs {what}, which the embedded tritonserver (nvidia-pytriton) lacks: "
-        "it has only the python backend and ensembles; export the model with --backend python, "
-        "or serve this repository with a stock Triton container (nvcr.io/nvidia/tritonserver)"
-    )
-
-
-def check_repository(repo: PathLike) -> list[str]:
-    """Check a model repository against the embedded server; return its model names (sorted).
-
-    Every sub-folder is a model to Triton (hidden ones too). Each needs a ``config.pbtxt``
-    that parses as a ``ModelConfig``, names its folder (or nothing), uses the python backend
-    or the ensemble platform, and has a numeric version folder (with the python model file
-    for python models); ensemble steps must name models of the repository.
-
-    Raises:
-        RepositoryError: naming the model and the problem.
-    """
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    root = Path(repo)
-    if not root.is_dir():
-        raise RepositoryError(f"model repository {root} is not a directory")
-    _check_export_report(root)
-    configs: dict[str, ModelConfig] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        name = folder.name
-        config_path = folder / "config.pbtxt"
-        if not config_path.is_file():
-            raise RepositoryError(f"model '{name}': {config_path} is missing")
-        try:
-            config = text_format.Parse(
-                config_path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig()
-            )
-        except (text_format.ParseError, UnicodeDecodeError) as exc:
-            raise RepositoryError(f"model '{name}': {config_path} does not parse: {exc}") from exc
-        _check_model(folder, config)
-        configs[name] = config
-    if not configs:
-        raise RepositoryError(f"model repository {root} holds no model (<model>/config.pbtxt)")
-    for name, config in configs.items():
-        for step in config.ensemble_scheduling.step:
-            if step.model_name not in configs:
-                raise RepositoryError(
-                    f"ensemble '{name}' uses model '{step.model_name}', "
-                    f"which is not in the repository {root}"
-                )
-    return sorted(configs)
-
-
-def _check_export_report(root: Path) -> None:
-    """A repository whose export_report.json says the export failed is not served (exports are
-    atomic now, but a repository written by an older exporter or copied by hand may be one)."""
-    import json
-
-    report = root / EXPORT_REPORT
-    if not report.is_file():
-        return
-    try:
-        passed = json.loads(report.read_text(encoding="utf-8")).get("passed")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise RepositoryError(f"{report} is unreadable ({exc}); re-export the repository") from None
-    if passed is not True:
-        raise RepositoryError(
-            f"{report} says the export FAILED its verification: refusing to serve {root}; "
-            "export again (export.py prints what failed)"
-        )
-
-
-def _check_model(folder: Path, config: ModelConfig) -> None:
-    name = folder.name
-    config_name, platform, backend = config.name, config.platform, config.backend
-    if config_name and config_name != name:
-        raise RepositoryError(
-            f"model '{name}': config.pbtxt names it '{config_name}'; Triton wants the folder name"
-        )
-    if platform and platform not in SUPPORTED_PLATFORMS:
-        raise _refusal(name, f'platform "{platform}"')
-    if not platform and backend not in SUPPORTED_BACKENDS:
-        if not backend:
-            raise RepositoryError(
-                f"model '{name}': config.pbtxt names no backend (backend: \"python\") "
-                'nor platform (platform: "ensemble")'
-            )
-        raise _refusal(name, f'backend "{backend}"')
-    versions = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
-    if not versions:
-        raise RepositoryError(
-            f"model '{name}' has no version folder ({folder}/1/): Triton would load no version"
-        )
-    if backend == "python" and not platform:
-        filename = config.default_model_filename or "model.py"
-        if not any((v / filename).is_file() for v in versions):
-            raise RepositoryError(f"model '{name}': no version folder holds {filename}")
-
-
-# --------------------------------------------------------------------------- ports, HTTP
-
-
-def free_port(address: str = "127.0.0.1") -> int:
-    """A TCP port free on ``address`` right now (for tests; another process may take it)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_in_use(address: str, port: int) -> bool:
-    """True if a server could not bind ``address:port`` now (SO_REUSEADDR, as servers do)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-        except OSError:
-            return True
-    return False
-
-
-def _client_host(address: str) -> str:
-    """Host a client on this machine connects to, for a server bound to ``address``."""
-    if address in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if address == "::":
-        return "[::1]"
-    if ":" in address and not address.startswith("["):
-        return f"[{address}]"
-    return address
-
-
-# No proxies: an http_proxy in the environment must not see (or break) local polling.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _http(method: str, url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
-    """(status, body) of a request, or None when nothing answers."""
-    data = b"{}" if method == "POST" else None
-    request = urllib.request.Request(url, data=data, method=method)
-    try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-# --------------------------------------------------------------------------- log parsing
-
-_LOG_LINE = re.compile(r"^(?P<sev>[IWE])\d{4} [\d:.]+\s+\d+ [^\]]+\]\s?(?P<msg>.*)$")
-_MODEL_ERRORS = (
-    re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<error>.*)", re.S),
-    re.compile(r"failed to load model '(?P<model>[^']+)': (?P<error>.*)", re.S),
-    re.compile(r"Poll failed for model directory '(?P<model>[^']+)': (?P<error>.*)", re.S),
-    re.compile(r"(?P<error>ensemble '?(?P<model>[^' ]+)'? (?:depends on|contains) .*)", re.S),
-)
-_NOISE = ("CudaDriverHelper has not been initialized", "unable to create stream for")
-
-
-def _log_errors(text: str) -> tuple[dict[str, str], list[str]]:
-    """(model -> error, other error lines) from a tritonserver log."""
-    models: dict[str, str] = {}
-    others: list[str] = []
-    for line in text.splitlines():
-        match = _LOG_LINE.match(line)
-        if match is None:
-            if line.startswith("error:"):
-                others.append(line.strip())
-            continue
-        if match["sev"] != "E":
-            continue
-        message = match["msg"].strip()
-        if len(message) >= 2 and message[0] == message[-1] == '"':
-            with contextlib.suppress(ValueError):
-                message = json.loads(message)
-        for pattern in _MODEL_ERRORS:
-            found = pattern.search(message)
-            if found:
-                models.setdefault(found["model"], found["error"].strip())
-                break
-        else:
-            if not any(noise in message for noise in _NOISE):
-                others.append(message.strip())
-    return models, others
-
-
-def _still_loading(text: str) -> list[str]:
-    """Models whose load the log shows started but not ended."""
-    started = re.findall(r"loading: ([^:\s\"]+):\d+", text)
-    ended = set(re.findall(r"(?:successfully loaded|failed to load) '([^']+)'", text))
-    return sorted(set(started) - ended)
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 64 * 1024))
-            data = handle.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
-
-
-# --------------------------------------------------------------------------- server
-
 _RUNNING: weakref.WeakSet[EmbeddedServer] = weakref.WeakSet()
-
-
-def _tee(pipe: IO[bytes], log_file: Path) -> None:
-    """tritonserver's output into its log file (read for model errors) and onto our stderr (a
-    container's log), until it closes its end. Reads to the end whatever a write does, so the
-    server never blocks on a full pipe."""
-    try:
-        log: IO[bytes] | None = log_file.open("ab")
-    except OSError:
-        log = None
-    try:
-        for chunk in iter(lambda: pipe.read1(65536), b""):
-            if log is not None:
-                try:
-                    log.write(chunk)
-                    log.flush()
-                except OSError:
-                    log = None
-            with contextlib.suppress(OSError):
-                os.write(2, chunk)
-    finally:
-        if log is not None:
-            log.close()
-        pipe.close()
 
 
 @atexit.register
@@ -693,17 +222,17 @@ class EmbeddedServer:
     @property
     def url_http(self) -> str:
         """``host:port`` of the HTTP endpoint, as ``tritonclient.http`` expects."""
-        return f"{_client_host(self.address)}:{self.http_port}"
+        return f"{client_host(self.address)}:{self.http_port}"
 
     @property
     def url_grpc(self) -> str:
         """``host:port`` of the gRPC endpoint, as ``tritonclient.grpc`` expects."""
-        return f"{_client_host(self.address)}:{self.grpc_port}"
+        return f"{client_host(self.address)}:{self.grpc_port}"
 
     @property
     def url_metrics(self) -> str:
         """``host:port`` of the Prometheus metrics endpoint (path ``/metrics``)."""
-        return f"{_client_host(self.address)}:{self.metrics_port}"
+        return f"{client_host(self.address)}:{self.metrics_port}"
 
     @property
     def ready_seconds(self) -> float | None:
@@ -728,8 +257,8 @@ class EmbeddedServer:
         """tritonserver's exit status, or None while it runs (or was never started)."""
         return self._proc.poll() if self._proc is not None else self.returncode
 
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        return _tail(self._log_file, lines) if self._log_file is not None else ""
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return tail(self._log_file, lines) if self._log_file is not None else ""
 
     # ------------------------------------------------------------------ start
     def _build_command(self, binary: Path, backends: Path) -> list[str]:
@@ -746,7 +275,7 @@ class EmbeddedServer:
             "--log-verbose", "0",
             "--exit-timeout-secs", str(exit_timeout_secs(self.stop_timeout)),
         ]  # fmt: skip
-        flags = _supported_flags(binary)
+        flags = supported_flags(binary)
         if "--metrics-address" in flags:
             command += ["--metrics-address", self.address]
         if "--allow-gpu-metrics" in flags:  # no NVML/DCGM noise on machines without a GPU
@@ -771,7 +300,7 @@ class EmbeddedServer:
             )
         binary = find_tritonserver()
         for port in (self.http_port, self.grpc_port, self.metrics_port):
-            if _port_in_use(self.address, port):
+            if port_in_use(self.address, port):
                 raise ServerStartError(
                     f"port {port} on {self.address or '0.0.0.0'} is already in use "
                     "(another tritonserver?); choose other ports"
@@ -813,7 +342,7 @@ class EmbeddedServer:
         if self.echo_log:
             assert self._proc.stdout is not None
             self._tee_thread = threading.Thread(
-                target=_tee, args=(self._proc.stdout, self._log_file), daemon=True
+                target=tee, args=(self._proc.stdout, self._log_file), daemon=True
             )
             self._tee_thread.start()
         self._launched_at = time.monotonic()
@@ -845,18 +374,18 @@ class EmbeddedServer:
         return f"http://{self.url_http}{path}"
 
     def _is_ready(self) -> bool:
-        answer = _http("GET", self._url(READY_PATH))
+        answer = http_request("GET", self._url(READY_PATH))
         if answer is None or answer[0] != 200:
             return False
         if self.model is None:
             return True
         model = urllib.parse.quote(self.model, safe="")
-        answer = _http("GET", self._url(f"/v2/models/{model}/ready"))
+        answer = http_request("GET", self._url(f"/v2/models/{model}/ready"))
         return answer is not None and answer[0] == 200
 
     def _index_errors(self) -> dict[str, str]:
         """Models that are neither ready nor loading, per POST /v2/repository/index."""
-        answer = _http("POST", self._url("/v2/repository/index"))
+        answer = http_request("POST", self._url("/v2/repository/index"))
         if answer is None or answer[0] != 200:
             return {}
         try:
@@ -888,7 +417,7 @@ class EmbeddedServer:
                     self._ready_seconds = time.monotonic() - self._launched_at
                     return
                 continue
-            live = _http("GET", self._url(LIVE_PATH))
+            live = http_request("GET", self._url(LIVE_PATH))
             if live is not None and live[0] == 200:
                 # With model control "none" the endpoints open once every load has ended:
                 # a model that is not ready now has failed (--exit-on-error false).
@@ -896,7 +425,7 @@ class EmbeddedServer:
                 if failed:
                     raise self._start_error(f"{what} is not ready: models failed", failed)
             if time.monotonic() >= deadline:
-                loading = _still_loading(self._read_log())
+                loading = still_loading(self._read_log())
                 raise self._start_error(
                     f"tritonserver was not ready within {timeout:.0f} s ({what}); "
                     + (f"still loading: {', '.join(loading)}" if loading else "no load pending"),
@@ -912,7 +441,7 @@ class EmbeddedServer:
         returncode: int | None = None,
     ) -> ServerStartError:
         self._join_tee()  # every line the server wrote is in the log before it is read
-        from_log, others = _log_errors(self._read_log())
+        from_log, others = log_errors(self._read_log())
         errors = dict(from_log)  # the log has the richer text (ensembles: the cause)
         for name, error in (model_errors or {}).items():
             errors.setdefault(name, error)

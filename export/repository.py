@@ -8,6 +8,7 @@ Layout (`<model>/config.pbtxt` + `<model>/1/...`):
   text_encoder/1/          same
   fusion_head/             labels_<task>.txt beside config.pbtxt; 1/ as the encoders
   requirements.txt         the Python packages the python models import
+  deployment.json          the deployment settings the configs were written from, as data
   labels.json              every served task's labels, in class-index order
 """
 
@@ -35,6 +36,7 @@ PREPROCESS_MODULE = "crisis_preprocess.py"
 CPUS_MODULE = "crisis_cpus.py"  # beside each python-flavour compute model
 RUNTIMES_MODULE = "crisis_runtimes.py"  # beside each python-flavour compute model
 PREPROCESS_JSON = "preprocess.json"
+DEPLOYMENT_JSON = "deployment.json"  # the Deployment the configs were written from, as data
 VERSION = "1"  # the ensemble's own version folder (its steps name the composing versions)
 # Packages the python-backend models import (a stock Triton container has numpy already).
 REQUIREMENTS = {
@@ -84,7 +86,16 @@ def write_configs(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(to_pbtxt(config))
         written.append(path)
+    repo.joinpath(DEPLOYMENT_JSON).write_text(dep.to_json())
+    written.append(repo / DEPLOYMENT_JSON)
     return written
+
+
+def read_deployment_json(repo: Path) -> Deployment | None:
+    """The deployment the configs were written from (None for a repository written before
+    deployment.json existed)."""
+    path = repo / DEPLOYMENT_JSON
+    return Deployment.from_json(path.read_text()) if path.is_file() else None
 
 
 def write_repository(

@@ -6,6 +6,8 @@ field that Triton does not know cannot be written. The batch axis is dropped her
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -139,6 +141,21 @@ class Deployment:
             raise ValueError("ONNX Runtime accelerator options apply to the onnxruntime flavour")
         if self.ort_options and not self.ort_accelerator:
             raise ValueError("ONNX Runtime options need an accelerator (tensorrt or cuda)")
+
+    def to_json(self) -> str:
+        """The deployment as data (`deployment.json` beside the configs): what benchmarks and
+        tools read instead of parsing config.pbtxt back."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Deployment:
+        data = json.loads(text)
+        data["preferred_batch_sizes"] = tuple(data.get("preferred_batch_sizes", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"deployment.json: unknown settings {unknown}")
+        return cls(**data)
 
     @property
     def opt_batch(self) -> int:

@@ -112,3 +112,22 @@ def test_committed_model_repository_is_a_fresh_regeneration(tmp_path: Path) -> N
     assert fresh == ours
     for rel in fresh:
         assert filecmp.cmp(tmp_path / rel, committed / rel, shallow=False), rel
+
+
+def test_deployment_is_written_as_data_and_read_back(tmp_path: Path) -> None:
+    """deployment.json beside the configs: what benchmarks read instead of parsing configs back;
+    a hand edit of a config is still caught (the configs are regenerated from it and compared)."""
+    from benchmarks.repos import read_deployment
+    from export.repository import read_deployment_json
+
+    dep = Deployment(max_batch_size=8, preferred_batch_sizes=(4,), precision="int8")
+    assert Deployment.from_json(dep.to_json()) == dep
+    assert run_export("--configs-only", "--precision", "int8", "--max-batch-size", "8",
+                      "--preferred-batch-size", "4", "--out", str(tmp_path)) == 0  # fmt: skip
+    written = read_deployment_json(tmp_path)
+    assert written is not None and written.precision == "int8" and written.max_batch_size == 8
+    assert read_deployment(tmp_path).dep == written
+    config = tmp_path / "image_encoder" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size: 8", "max_batch_size: 6"))
+    with pytest.raises(ValueError, match="refusing to rewrite"):
+        read_deployment(tmp_path)
