@@ -83,12 +83,20 @@ def _ints(text: str) -> list[int]:
 
 
 def _precisions(text: str) -> list[str]:
-    from export.runtimes import PRECISIONS
+    """PRECISION or PRECISION:RUNTIME (int8:openvino), comma separated, distinct."""
+    from export.runtimes import PRECISIONS, RUNTIMES_OF
 
     out = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in out if x not in PRECISIONS]
+    bad = []
+    for item in out:
+        precision, _, runtime = item.partition(":")
+        if precision not in PRECISIONS or (runtime and runtime not in RUNTIMES_OF[precision]):
+            bad.append(item)
     if bad or not out or len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of distinct {list(PRECISIONS)}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a comma list of distinct {list(PRECISIONS)}, each optionally :RUNTIME "
+            f"(int8:openvino)"
+        )
     return out
 
 
@@ -400,14 +408,17 @@ class Run:
     def tag(self, rows: list[report.Row], repo: Path) -> None:
         """Every row says what it computed in and on which runtime; a reduced precision's gate
         agreement (lowest task) is kept for the targets."""
-        from export.runtimes import RUNTIME_OF
+        from export.spec import IMAGE_ENCODER
 
         if self.args.url:
             precision, runtime = self.precisions[0], f"external Triton ({self.args.flavour})"
         else:
             deployed = repos.read_deployment(repo)
-            precision = deployed.dep.precision
-            runtime = f"python backend: {RUNTIME_OF[precision]}"
+            # int8 on OpenVINO is labelled int8:openvino, so both int8 runtimes stand apart
+            precision = deployed.dep.precision + (
+                f":{deployed.dep.runtime}" if deployed.dep.runtime else ""
+            )
+            runtime = f"python backend: {deployed.dep.graph_runtime(IMAGE_ENCODER)}"
             report_file = repo / "export_report.json"
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 gate = json.loads(report_file.read_text())["precision_gate"]["gate"]
@@ -441,12 +452,13 @@ class Run:
                 f"uses the same architecture with random weights (seed {args.seed})"
             )
             return args.repo, repos.ModelChoice(size, specs.tasks, args.seed)
+        precision, _, runtime = precision.partition(":")
         choice = repos.ModelChoice(
-            self.cfg["size"], self.tasks, args.seed, precision, args.min_agreement
+            self.cfg["size"], self.tasks, args.seed, precision, args.min_agreement, runtime
         )
         _log(f"export {choice.describe()} (cached in {self.cache}) ...")
         t0 = time.perf_counter()
-        log = self.logs / f"export{'' if precision == 'fp32' else '_' + precision}.log"
+        log = self.logs / f"export{'' if choice.label == 'fp32' else '_' + choice.label}.log"
         repo, reused = repos.export(choice, self.cache, self.dep, log)
         self.notes.append(
             f"repository {'reused from an earlier export' if reused else 'exported'} with "
@@ -489,13 +501,14 @@ class Run:
         cuda = _want_cuda(self.args)
         if "research" in self.paths and first:
             from export.export import build_parser as export_parser
-            from export.export import load_models
             from export.head import build_multitask_head
+            from export.weights import WeightsSource, load_models
 
             export_args = dataclasses.replace(choice, precision="fp32").export_args(
                 Path("unused"), self.dep
             )
-            enc, heads, _ = load_models(export_parser().parse_args(export_args))
+            source = WeightsSource.from_args(export_parser().parse_args(export_args))
+            enc, heads, _ = load_models(source)
             head = build_multitask_head(heads, specs.tasks)
             n = self.cfg["research_requests"]
             for device in ["cpu"] + (["cuda"] if cuda else []):

@@ -18,7 +18,7 @@ from benchmarks.report import Row, Tick, make_row
 from benchmarks.workload import Post
 from export.preprocess import Preprocessor
 from export.repository import model_dir
-from export.runtimes import RUNTIME_OF, open_session
+from export.runtimes import open_session
 from export.spec import ModelSpecs
 from export.triton_config import Deployment
 
@@ -171,14 +171,16 @@ class OrtChain:
         """`dep`: the repository's deployment; on CPU each graph runs in the precision and on the
         runtime its config names (export/runtimes.py, as the python flavour's model.py)."""
         dep = dep or Deployment()
-        self.precision = dep.precision
-        self.runtime = RUNTIME_OF[dep.precision] if variant == "cpu" else "onnxruntime"
+        self.precision = dep.precision + (f":{dep.runtime}" if dep.runtime else "")
+        self.runtime = (
+            dep.graph_runtime(specs.image_encoder.name) if variant == "cpu" else "onnxruntime"
+        )
 
         def session(name: str) -> Any:
-            path = model_dir(repo, name) / "model.onnx"
+            path = model_dir(repo, name) / dep.graph_file(name)
             if variant == "cpu":
-                return open_session(path, dep.graph_precision(name), threads=threads,
-                                    spinning=not served)  # fmt: skip
+                return open_session(path, dep.graph_precision(name), dep.graph_runtime(name),
+                                    threads=threads, spinning=not served)  # fmt: skip
             import onnxruntime as ort
 
             options = ort.SessionOptions()

@@ -76,10 +76,15 @@ class ModelChoice:
     seed: int = 0
     precision: str = "fp32"
     min_agreement: float = DEFAULT_MIN_AGREEMENT  # the gate of a reduced precision
+    runtime: str = ""  # the encoders' runtime where the precision has two (int8: openvino)
+
+    @property
+    def label(self) -> str:
+        return self.precision + (f":{self.runtime}" if self.runtime else "")
 
     @property
     def key(self) -> str:
-        suffix = "" if self.precision == "fp32" else f"_{self.precision}"
+        suffix = "" if self.label == "fp32" else f"_{self.label.replace(':', '-')}"
         return f"{self.size}_seed{self.seed}_{'-'.join(self.tasks)}{suffix}"
 
     def export_args(self, out: Path, dep: Deployment) -> list[str]:
@@ -94,13 +99,13 @@ class ModelChoice:
         ] + (
             [] if self.precision == "fp32"
             else ["--precision", self.precision, "--min-agreement", str(self.min_agreement)]
-        )  # fmt: skip
+        ) + (["--runtime", self.runtime] if self.runtime else [])  # fmt: skip
 
     def describe(self) -> str:
         arch = "ViT-B/32" if self.size == "base" else "tiny CLIP"
         return (
             f"{arch} ({SIZES[self.size]}), RANDOM weights, tasks {','.join(self.tasks)}, "
-            f"precision {self.precision}"
+            f"precision {self.label}"
         )
 
 
@@ -118,7 +123,7 @@ def export(choice: ModelChoice, cache: Path, dep: Deployment, log: Path) -> tupl
     matching earlier export there and writes `dep`'s configs into it."""
     repo = cache / choice.key
     stamp = {"args": choice.export_args(Path("OUT"), Deployment()), "sources": _source_hash()}
-    dep = dataclasses.replace(dep, precision=choice.precision)
+    dep = dataclasses.replace(dep, precision=choice.precision, runtime=choice.runtime)
     if _stamp_ok(repo, stamp):
         read_deployment(repo).write(repo, dep)
         return repo, True
@@ -205,8 +210,10 @@ def _deployment_from_configs(repo: Path, configs: dict) -> Deployment:
     accel = image.optimization.execution_accelerators.gpu_execution_accelerator
     ensemble = configs.get(ENSEMBLE)
     named = ensemble.parameters.get(PRECISION_PARAMETER) if ensemble is not None else None
+    precision, _, runtime = (named.string_value if named is not None else "").partition(" (")
     dep = Deployment(
-        precision=named.string_value if named is not None and named.string_value else "fp32",
+        precision=precision or "fp32",
+        runtime=runtime.rstrip(")"),
         model_version=served_version(repo),
         backend=backend,
         max_batch_size=image.max_batch_size,

@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # `python export/export.py`: export/ is first on sys.path,
     # where export/export.py would shadow the `export` package: bind the package by its path instead
@@ -51,13 +52,18 @@ from export.precision import PRECISION_CHOICES
 from export.precision_gate import DEFAULT_MIN_AGREEMENT
 from export.preprocess import PreprocessSpec
 from export.spec import (
-    ALL_TASKS,
     DEFAULT_TASKS,
     HEAD_VARIANTS,
     RANDOM_WEIGHTS_NOTE,
     build_specs,
 )
 from export.triton_config import BACKENDS, ONNX_FILE, Deployment
+from export.weights import UsageError, WeightsSource
+from export.weights import load_models as _load_weights
+
+if TYPE_CHECKING:
+    from export.encoders import Encoders
+    from export.head import GuidedCAHead
 
 RANDOM_BANNER = (
     "!" * 78 + "\n"
@@ -65,24 +71,6 @@ RANDOM_BANNER = (
     + "!"
     * 78
 )
-
-
-class UsageError(Exception):
-    pass
-
-
-def _task_paths(values: Sequence[str], option: str) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for value in values:
-        task, sep, path = value.partition("=")
-        if not sep or task not in ALL_TASKS or not path:
-            raise UsageError(
-                f"{option} {value!r}: expected TASK=PATH, TASK one of {list(ALL_TASKS)}"
-            )
-        if task in out:
-            raise UsageError(f"{option}: task {task} given twice")
-        out[task] = Path(path)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=96,
         help="synthetic posts when --eval-posts is not given (default %(default)s)",
+    )
+    out.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "openvino"),
+        default=None,
+        help="python flavour: the encoders' runtime when the precision has two. int8: "
+        "onnxruntime (default; its dynamic quantization) or openvino (NNCF static quantization, "
+        "calibrated on synthetic posts). Default: the precision's own",
     )
     gate.add_argument(
         "--int8-reduce-range",
@@ -318,125 +314,13 @@ def preprocess_spec_of(args: argparse.Namespace, base: PreprocessSpec) -> Prepro
         raise UsageError(str(exc).replace("max_", "--max-").replace("_", "-")) from None
 
 
-def load_models(args: argparse.Namespace):
-    """-> (encoders, heads: dict task -> module, provenance dict)."""
-    from export.checkpoint import (
-        CheckpointError,
-        format_problems,
-        load_head,
-        read_checkpoint,
-        read_state_dict,
-    )
-    from export.encoders import (
-        EncoderLoadError,
-        hf_encoders,
-        hf_encoders_from_states,
-        openclip_encoders,
-        parse_encoders,
-    )
-    from export.head import random_head
-
-    checkpoints = _task_paths(args.checkpoint, "--checkpoint")
-    head_files = _task_paths(args.head_weights, "--head-weights")
-    if args.random_weights and (checkpoints or head_files):
-        raise UsageError("--random-weights cannot be combined with --checkpoint/--head-weights")
-    if args.size and not args.random_weights:
-        raise UsageError("--size is only for --random-weights (a checkpoint fixes the size)")
-    if checkpoints and head_files:
-        raise UsageError("use either --checkpoint or --head-weights")
-    try:
-        family, ref, tag = parse_encoders(args.encoders)
-        if args.random_weights:
-            tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
-            bad = [t for t in tasks if t not in ALL_TASKS]
-            if bad:
-                raise UsageError(f"--tasks: unknown {bad}; known: {list(ALL_TASKS)}")
-            if family == "openclip":
-                enc = openclip_encoders(ref, tag, random_weights=True)
-            else:
-                enc = hf_encoders(ref, True, args.size, seed=args.seed)
-            variant = args.head or "guided_ca_diff"
-            heads = {
-                t: random_head(
-                    enc.config.image_dim, enc.config.text_dim, t, variant, seed=args.seed + 1 + i
-                )
-                for i, t in enumerate(tasks)
-            }
-            return enc, heads, {t: f"random ({variant})" for t in tasks}
-        if checkpoints:
-            if family != "hf":
-                raise UsageError("research checkpoints hold Hugging Face CLIP towers: use hf:...")
-            cks = {t: read_checkpoint(p, t) for t, p in checkpoints.items()}
-            first = next(iter(cks.values()))
-            _check_same_encoders(cks)
-            enc, problems = hf_encoders_from_states(
-                ref, first.image_state, first.text_state, str(first.path)
-            )
-            if problems:
-                raise CheckpointError(format_problems(str(first.path), problems))
-            heads = {
-                t: load_head(
-                    c.head_state,
-                    t,
-                    enc.config.image_dim,
-                    enc.config.text_dim,
-                    args.head or c.variant,
-                    str(c.path),
-                )
-                for t, c in cks.items()
-            }
-            return enc, heads, {t: f"{c.path} ({args.head or c.variant})" for t, c in cks.items()}
-        if not head_files:
-            raise UsageError(
-                "no weights: give --checkpoint TASK=PATH, --head-weights TASK=PATH "
-                "or --random-weights"
-            )
-        if family == "openclip":
-            enc = openclip_encoders(ref, tag, random_weights=False)
-        else:
-            enc = hf_encoders(ref, False, None)
-        heads = {}
-        for t, path in head_files.items():
-            state = read_state_dict(path)
-            variant = args.head or (
-                "guided_ca_diff"
-                if any(k.startswith("multihead_diffattn.") for k in state)
-                else "guided_ca"
-            )
-            heads[t] = load_head(
-                state, t, enc.config.image_dim, enc.config.text_dim, variant, str(path)
-            )
-        return enc, heads, {t: str(p) for t, p in head_files.items()}
-    except (CheckpointError, EncoderLoadError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _check_same_encoders(cks: dict) -> None:
-    """One encoder pass feeds every task: the checkpoints' frozen encoders must be identical."""
-    import torch
-
-    from export.checkpoint import CheckpointError
-
-    tasks = list(cks)
-    ref = cks[tasks[0]]
-    for t in tasks[1:]:
-        other = cks[t]
-        for kind in ("image_state", "text_state"):
-            a, b = getattr(ref, kind), getattr(other, kind)
-            differ = sorted(
-                k
-                for k in set(a) | set(b)
-                if k not in a
-                or k not in b
-                or a[k].shape != b[k].shape
-                or not torch.equal(a[k], b[k])
-            )
-            if differ:
-                raise CheckpointError(
-                    f"the encoders in {other.path} ({t}) differ from those in {ref.path} "
-                    f"({tasks[0]}) at {len(differ)} tensor(s), e.g. {differ[:5]}; one shared "
-                    f"encoder pass needs identical frozen encoders"
-                )
+def load_models(
+    args: argparse.Namespace | WeightsSource,
+) -> tuple[Encoders, dict[str, GuidedCAHead], dict[str, str]]:
+    """export.weights.load_models of the weights that build_parser()'s arguments name (a
+    WeightsSource is taken as it is): -> (encoders, heads: dict task -> module, provenance)."""
+    source = args if isinstance(args, WeightsSource) else WeightsSource.from_args(args)
+    return _load_weights(source)
 
 
 def _end_to_end_check(specs, enc, head, preprocess_spec, model_files: dict[str, Path]) -> dict:
@@ -510,9 +394,12 @@ def _deployment(args: argparse.Namespace, precision: str) -> Deployment:
     from export.triton_config import FLAVOUR_PRECISIONS
 
     if precision == "auto":  # decided by measurement; configs are rewritten with the winner
+        if args.runtime:
+            raise UsageError("--runtime picks one candidate; --precision auto tries them all")
         served = FLAVOUR_PRECISIONS.get(args.backend, ())
-        precision = next((p for p in AUTO_CANDIDATES if p in served), "fp32")
+        precision = next((p for p, _ in AUTO_CANDIDATES if p in served), "fp32")
     return Deployment(
+        runtime=args.runtime or "",
         backend=args.backend,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
@@ -564,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         preprocess_spec_of(args, PreprocessSpec())  # bad limits fail before the slow model load
-        enc, heads, provenance = load_models(args)
+        enc, heads, provenance = _load_weights(WeightsSource.from_args(args))
         preprocess_spec = preprocess_spec_of(args, enc.config.preprocess_spec())
     except UsageError as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
@@ -671,10 +558,13 @@ def _export(
         else:
             from export.precision import dep_for, install
 
-            install(files, outcome.chosen)
-            dep = dep_for(dep, outcome.chosen.precision)
+            dep = dep_for(dep, outcome.chosen.precision, outcome.chosen.runtime)
+            files = install(files, outcome.chosen, dep)
             write_repository(stage, specs, dep, preprocess_spec, weights)  # configs of the winner
-            print(f"precision: {outcome.chosen.precision} ({outcome.chosen.verdict})")
+            print(
+                f"precision: {outcome.chosen.precision} on {outcome.chosen.runtime} "
+                f"({outcome.chosen.verdict})"
+            )
     import onnx
     import onnxruntime
     import transformers

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field, replace
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,26 @@ from export.precision_gate import (
     time_chain,
 )
 from export.preprocess import PreprocessSpec
-from export.quantize import Int8Recipe, default_reduce_range, quantize_int8
-from export.runtimes import RUNTIME_OF, refusal
+from export.quantize import (
+    Int8Recipe,
+    OpenVinoInt8Recipe,
+    default_reduce_range,
+    quantize_int8,
+    quantize_int8_openvino,
+)
+from export.runtimes import ONNXRUNTIME, OPENVINO, RUNTIME_OF, refusal
 from export.spec import ModelSpecs
 from export.triton_config import FLAVOUR_PRECISIONS, Deployment
 
 PRECISION_CHOICES = ("fp32", "fp16", "int8", "bf16", "auto")
-AUTO_CANDIDATES = ("fp32", "int8", "bf16")
+# (precision, runtime) pairs `auto` tries, where the flavour serves them.
+AUTO_CANDIDATES = (
+    ("fp32", ONNXRUNTIME),
+    ("int8", ONNXRUNTIME),
+    ("int8", OPENVINO),
+    ("bf16", OPENVINO),
+)
+CALIBRATION_POSTS = 32  # NNCF's static int8: activation ranges from these (synthetic) posts
 
 
 @dataclass
@@ -96,10 +110,15 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def candidates_for(precision: str, dep: Deployment) -> list[str]:
+def candidates_for(precision: str, dep: Deployment) -> list[tuple[str, str]]:
     if precision == "auto":
-        return [p for p in AUTO_CANDIDATES if p in FLAVOUR_PRECISIONS[dep.backend]]
-    return [precision]
+        served = FLAVOUR_PRECISIONS[dep.backend]
+        return [
+            (p, r)
+            for p, r in AUTO_CANDIDATES
+            if p in served and (dep.backend == "python" or r == RUNTIME_OF[p])
+        ]
+    return [(precision, dep.runtime or RUNTIME_OF[precision])]
 
 
 def check_requested(precision: str, dep: Deployment) -> str | None:
@@ -114,7 +133,7 @@ def check_requested(precision: str, dep: Deployment) -> str | None:
             f"not {precision}"
         )
     if precision in ("int8", "bf16"):
-        return refusal(precision, RUNTIME_OF[precision])
+        return refusal(precision, dep.runtime or RUNTIME_OF[precision])
     return None
 
 
@@ -149,17 +168,36 @@ def run(
     reference = Chain.open(specs, fp32_files, {}, threads).outputs(pixels, ids)
     batches = sorted({1, dep.opt_batch})
     out: list[Candidate] = []
-    for name in candidates_for(precision, dep):
-        runtime = RUNTIME_OF[name]
+    for name, runtime in candidates_for(precision, dep):
         cand = Candidate(name, runtime, dict(fp32_files))
         out.append(cand)
         why = refusal(name, runtime)
+        if not why and name == "int8" and runtime == OPENVINO and not find_spec("nncf"):
+            why = "OpenVINO's int8 needs NNCF (pip install nncf; the 'export' extra has it)"
         if why:
             cand.refused = why
             cand.verdict = f"not run: {why}"
-            log(f"precision {name}: not run here: {why}")
+            log(f"precision {name} ({runtime}): not run here: {why}")
             continue
-        if name == "int8":
+        if name == "int8" and runtime == OPENVINO:
+            ov_recipe = OpenVinoInt8Recipe(calibration_posts=CALIBRATION_POSTS)
+            calib_pixels, calib_ids = encode(
+                preprocess_spec, synthetic_posts(CALIBRATION_POSTS, seed + 1000)
+            )
+            calibration = {
+                specs.image_encoder.name: calib_pixels,
+                specs.text_encoder.name: calib_ids,
+            }
+            for graph in (specs.image_encoder, specs.text_encoder):
+                target = work / "int8-openvino" / graph.name / "model.xml"
+                cand.facts[graph.name] = quantize_int8_openvino(
+                    fp32_files[graph.name], target, graph.input_names[0],
+                    calibration[graph.name], ov_recipe,
+                )  # fmt: skip
+                cand.files[graph.name] = target
+                seconds = cand.facts[graph.name]["seconds"]
+                log(f"int8 (openvino) {graph.name}: quantized in {seconds} s")
+        elif name == "int8":
             recipe = Int8Recipe(
                 reduce_range=default_reduce_range() if reduce_range is None else reduce_range
             )
@@ -172,14 +210,16 @@ def run(
             if fp16_files is None:
                 raise ValueError("fp16 candidate without FP16 graphs")
             cand.files = dict(fp16_files)
-        precisions = {g.name: dep_for(dep, name).graph_precision(g.name) for g in specs.onnx_graphs}
-        chain = Chain.open(specs, cand.files, precisions, threads)
+        cand_dep = dep_for(dep, name, runtime)
+        precisions = {g.name: cand_dep.graph_precision(g.name) for g in specs.onnx_graphs}
+        runtimes = {g.name: cand_dep.graph_runtime(g.name) for g in specs.onnx_graphs}
+        chain = Chain.open(specs, cand.files, precisions, threads, runtimes)
         got = chain.outputs(pixels, ids)
         cand.gate = gate(specs, reference, got, name, runtime, source, min_agreement)
         print("\n".join(cand.gate.lines()))
         if precision == "auto" and cand.gate.passed:
             cand.ms_per_post = time_chain(chain, pixels, ids, batches)
-            log(f"precision {name}: ms per post by batch size {cand.ms_per_post}")
+            log(f"precision {name} ({runtime}): ms per post by batch size {cand.ms_per_post}")
         del chain
     passing = [c for c in out if c.gate is not None and c.gate.passed]
     chosen = None
@@ -203,20 +243,35 @@ def run(
             else:
                 c.verdict = (
                     f"lost: {c.ms_per_post[largest]} ms/post at batch {largest} vs "
-                    f"{chosen.ms_per_post[largest]} for {chosen.precision}"
+                    f"{chosen.ms_per_post[largest]} for {chosen.precision} ({chosen.runtime})"
                 )
     return Outcome(chosen, out, source, machine_facts())
 
 
-def dep_for(dep: Deployment, precision: str) -> Deployment:
-    return replace(dep, precision=precision)
+def dep_for(dep: Deployment, precision: str, runtime: str = "") -> Deployment:
+    """`dep` serving `precision` on `runtime` (recorded only where it is not the default)."""
+    runtime = "" if not runtime or runtime == RUNTIME_OF[precision] else runtime
+    return replace(dep, precision=precision, runtime=runtime)
 
 
-def install(stage_files: dict[str, Path], chosen: Candidate) -> None:
-    """Put the chosen candidate's graph files in the staged repository (int8 encoders)."""
+def install(stage_files: dict[str, Path], chosen: Candidate, dep: Deployment) -> dict[str, Path]:
+    """Put the chosen candidate's graph files in the staged repository (int8 encoders: a
+    quantized model.onnx, or an OpenVINO model.xml + model.bin in place of the FP32 model.onnx).
+    -> graph -> the file now served."""
+    served = {}
     for graph, src in chosen.files.items():
-        dst = stage_files[graph]
-        if Path(src).resolve() != dst.resolve():
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+        onnx_file = stage_files[graph]
+        dst = onnx_file.with_name(dep.graph_file(graph))
+        src = Path(src)
+        if src.resolve() != dst.resolve():
+            pairs = [(src, dst)]
+            if src.suffix == ".xml":  # the IR's weights beside it
+                pairs.append((src.with_suffix(".bin"), dst.with_suffix(".bin")))
+            for a, b in pairs:
+                tmp = b.with_name(b.name + ".tmp")
+                shutil.copyfile(a, tmp)
+                os.replace(tmp, b)
+            if dst != onnx_file:
+                onnx_file.unlink()
+        served[graph] = dst
+    return served

@@ -137,9 +137,13 @@ class Chain:
         files: Mapping[str, Path],
         precisions: Mapping[str, str],
         threads: int = 0,
+        runtimes: Mapping[str, str] | None = None,
     ) -> Chain:
         def session(graph: str) -> Session:
-            return open_session(files[graph], precisions.get(graph, "fp32"), threads=threads)
+            runtime = (runtimes or {}).get(graph) or None
+            return open_session(
+                files[graph], precisions.get(graph, "fp32"), runtime, threads=threads
+            )
 
         return cls(
             specs,

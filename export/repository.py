@@ -24,7 +24,6 @@ from export import runtimes as runtimes_module
 from export.preprocess import DEFAULT_ASSETS, PreprocessSpec
 from export.spec import LABELS, PREPROCESS, ModelSpecs, label_file
 from export.triton_config import (
-    FLAVOURS,
     Deployment,
     all_configs,
     check_ensemble_wiring,
@@ -136,12 +135,11 @@ def write_repository(
     (repo / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     reqs = REQUIREMENTS["preprocess"] + REQUIREMENTS.get(dep.backend, [])
     if dep.backend == "python" and any(
-        runtimes_module.RUNTIME_OF[dep.graph_precision(g.name)] == runtimes_module.OPENVINO
-        for g in specs.onnx_graphs
+        dep.graph_runtime(g.name) == runtimes_module.OPENVINO for g in specs.onnx_graphs
     ):
         reqs += REQUIREMENTS["openvino_in_python"]
     (repo / "requirements.txt").write_text("\n".join(reqs) + "\n")
 
 
 def model_file(repo: Path, graph_name: str, dep: Deployment) -> Path:
-    return model_dir(repo, graph_name, dep.model_version) / FLAVOURS[dep.backend]["model_file"]
+    return model_dir(repo, graph_name, dep.model_version) / dep.graph_file(graph_name)

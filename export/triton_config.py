@@ -15,7 +15,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.engine_facts import ONNX_FILE, PLAN_FILE, PLATFORM
-from export.runtimes import OPENVINO, PRECISIONS, RUNTIME_OF
+from export.runtimes import OPENVINO, OPENVINO_IR, PRECISIONS, RUNTIME_OF, RUNTIMES_OF
 from export.spec import (
     HEAD,
     PRECISION_PARAMETER,
@@ -117,6 +117,10 @@ class Deployment:
     # The version the ensemble's steps are pinned to (export.py --model-version): one request
     # never mixes versions, and a new version goes live when the ensemble's config names it.
     model_version: int = 1
+    # The encoders' runtime in the python flavour ("" = the precision's default, RUNTIME_OF):
+    # "openvino" with int8 serves NNCF-quantized OpenVINO models (model.xml) instead of ONNX
+    # Runtime's quantized ONNX graphs.
+    runtime: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -130,6 +134,14 @@ class Deployment:
             raise ValueError("max_batch_size must be >= 1")
         if self.model_version < 1:
             raise ValueError("model versions are positive integers")
+        if self.runtime:
+            if self.runtime not in RUNTIMES_OF.get(self.precision, ()):
+                raise ValueError(
+                    f"{self.precision} runs on {list(RUNTIMES_OF.get(self.precision, ()))}, "
+                    f"not {self.runtime!r}"
+                )
+            if self.backend != "python" and self.runtime != RUNTIME_OF[self.precision]:
+                raise ValueError(f"the {self.backend} flavour runs its backend's runtime only")
         if any(b < 1 or b > self.max_batch_size for b in self.preferred_batch_sizes):
             raise ValueError("preferred batch sizes must lie in 1..max_batch_size")
         if self.ort_accelerator not in ("", *ORT_ACCELERATOR_DEFAULTS):
@@ -166,6 +178,22 @@ class Deployment:
         cpu_only = self.backend in ("python", "openvino") or self.precision in ("int8", "bf16")
         device = self.device or ("cpu" if cpu_only else "gpu")
         return "KIND_GPU" if device == "gpu" else "KIND_CPU"
+
+    def graph_runtime(self, graph: str) -> str:
+        """The runtime one compute graph runs on (python flavour: inside the python backend)."""
+        if self.backend == "openvino":
+            return OPENVINO
+        precision = self.graph_precision(graph)
+        if graph == HEAD or precision != self.precision:
+            return RUNTIME_OF[precision]
+        return self.runtime or RUNTIME_OF[precision]
+
+    def graph_file(self, graph: str) -> str:
+        """The model file of one compute graph: an OpenVINO IR for NNCF int8 encoders, else the
+        flavour's (model.onnx, model.plan)."""
+        if graph != HEAD and self.precision == "int8" and self.graph_runtime(graph) == OPENVINO:
+            return OPENVINO_IR
+        return FLAVOURS[self.backend]["model_file"]
 
     def graph_precision(self, graph: str) -> str:
         """The precision one compute graph runs in: the encoders the deployment's; the head FP32
@@ -225,11 +253,11 @@ def compute_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.ModelCo
     if dep.backend == "python":
         config["backend"] = flavour["backend"]
         config["parameters"] = {
-            "onnx_file": {"string_value": flavour["model_file"]},
+            "onnx_file": {"string_value": dep.graph_file(spec.name)},
             "intra_op_num_threads": {"string_value": str(dep.intra_op_threads)},
             "intra_op_spinning": {"string_value": str(int(dep.intra_op_spinning))},
             # export/runtimes.py opens the graph on this runtime in this precision
-            "runtime": {"string_value": RUNTIME_OF[precision]},
+            "runtime": {"string_value": dep.graph_runtime(spec.name)},
             "precision": {"string_value": precision},
         }
     elif dep.backend == "openvino":
@@ -294,7 +322,8 @@ def ensemble_config(
     ens = specs.ensemble
     parameters = {WEIGHTS_PARAMETER: {"string_value": weights}} if weights else {}
     if dep.precision != "fp32":  # clients and benchmarks read what the encoders compute in
-        parameters[PRECISION_PARAMETER] = {"string_value": dep.precision}
+        runtime = f" ({dep.runtime})" if dep.runtime else ""
+        parameters[PRECISION_PARAMETER] = {"string_value": dep.precision + runtime}
     return _to_proto(
         {
             "parameters": parameters,

@@ -19,6 +19,7 @@ from export import runtimes
 from export.precision_gate import Chain, encode, gate, synthetic_posts
 from export.preprocess import PreprocessSpec
 from export.repository import read_preprocess_spec
+from export.runtimes import RUNTIME_OF
 from export.spec import LABELS, build_specs, load_encoder_config
 from export.triton_config import Deployment, all_configs, parse_pbtxt, to_pbtxt
 from tests.conftest import TINY_EXPORT_ARGS, run_export
@@ -44,12 +45,15 @@ def int8_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def chain_probabilities(repo: Path, precision: str, image: bytes, text: str, caption):
+def chain_probabilities(
+    repo: Path, precision: str, image: bytes, text: str, caption, runtime: str = ""
+):
     """The repository's graphs run in process as its configs say (export/runtimes.py)."""
-    dep = Deployment(precision=precision)
-    files = {g.name: repo / g.name / "1" / "model.onnx" for g in SPECS.onnx_graphs}
+    dep = Deployment(precision=precision, runtime=runtime)
+    files = {g.name: repo / g.name / "1" / dep.graph_file(g.name) for g in SPECS.onnx_graphs}
     precisions = {g.name: dep.graph_precision(g.name) for g in SPECS.onnx_graphs}
-    chain = Chain.open(SPECS, files, precisions)
+    runtimes_ = {g.name: dep.graph_runtime(g.name) for g in SPECS.onnx_graphs}
+    chain = Chain.open(SPECS, files, precisions, 0, runtimes_)
     from export.preprocess import Preprocessor
 
     pixels, ids = Preprocessor(read_preprocess_spec(repo))([image], [text], [caption])
@@ -142,9 +146,17 @@ def test_auto_picks_a_passing_candidate_and_reports_every_one(tmp_path: Path) ->
     assert run_export(*TINY_EXPORT_ARGS, *GATE, "--precision", "auto", "--out", str(out)) == 0
     report = json.loads((out / "export_report.json").read_text())
     gate_report = report["precision_gate"]
-    by_name = {c["precision"]: c for c in gate_report["candidates"]}
-    assert set(by_name) == {"fp32", "int8", "bf16"}
-    chosen = by_name[report["precision"]]
+    by_name = {(c["precision"], c["runtime"]): c for c in gate_report["candidates"]}
+    assert set(by_name) == {
+        ("fp32", "onnxruntime"),
+        ("int8", "onnxruntime"),
+        ("int8", "openvino"),
+        ("bf16", "openvino"),
+    }
+    deployment = json.loads((out / "deployment.json").read_text())
+    chosen = by_name[
+        (report["precision"], deployment["runtime"] or RUNTIME_OF[report["precision"]])
+    ]
     assert chosen["gate"]["passed"] and chosen["verdict"].startswith("won")
     largest = max(chosen["ms_per_post_by_batch"], key=int)
     for cand in by_name.values():
@@ -156,7 +168,7 @@ def test_auto_picks_a_passing_candidate_and_reports_every_one(tmp_path: Path) ->
             assert slower >= chosen["ms_per_post_by_batch"][largest]
     assert gate_report["machine"]["cpu_class"] in ("amx", "vnni", "avx2", "other")
     if BF16_REFUSED:
-        assert by_name["bf16"]["refused"] == BF16_REFUSED
+        assert by_name[("bf16", "openvino")]["refused"] == BF16_REFUSED
 
 
 def test_eval_posts_feed_the_gate(tmp_path: Path) -> None:
@@ -189,7 +201,9 @@ def test_refusals_are_explicit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     out = tmp_path / "bf16"
     assert run_export(*TINY_EXPORT_ARGS, "--precision", "bf16", "--out", str(out)) == 2
     assert not out.exists()
-    assert "bf16 runs on OpenVINO" in (runtimes.refusal("bf16", "onnxruntime") or "")
+    assert "bf16 runs on openvino, not onnxruntime" in (
+        runtimes.refusal("bf16", "onnxruntime") or ""
+    )
     # flavours that cannot serve a precision refuse it
     with pytest.raises(ValueError, match="openvino flavour serves"):
         Deployment(backend="openvino")
@@ -233,13 +247,13 @@ def test_serve_refuses_a_failed_export(tiny_repo: Path, tmp_path: Path) -> None:
         check_repository(repo)
 
 
-def _served(repo: Path, precision: str) -> None:
+def _served(repo: Path, precision: str, runtime: str = "") -> None:
     module = pytest.importorskip("tritonclient.grpc")
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     with EmbeddedServer(repo, timeout=240, **ports) as srv:
         for image, text, caption in POSTS:
             served = raw_probabilities(module, srv.url_grpc, image, text, caption, TASKS)
-            expected = chain_probabilities(repo, precision, image, text, caption)
+            expected = chain_probabilities(repo, precision, image, text, caption, runtime)
             for task in TASKS:
                 assert np.abs(served[task] - expected[task]).max() <= 1e-5, (precision, task)
 
@@ -256,6 +270,24 @@ def test_bf16_repository_served_end_to_end(tmp_path: Path) -> None:
     assert image.parameters["runtime"].string_value == "openvino"
     assert "openvino" in (out / "requirements.txt").read_text()
     _served(out, "bf16")
+
+
+def test_int8_openvino_repository_served_end_to_end(tmp_path: Path) -> None:
+    """NNCF's int8 on OpenVINO: the encoders served from model.xml/model.bin (the FP32 ONNX file
+    removed), answers equal to the same models run in process."""
+    out = tmp_path / "int8ov"
+    args = (*TINY_EXPORT_ARGS, *GATE, "--precision", "int8", "--runtime", "openvino")
+    assert run_export(*args, "--out", str(out)) == 0
+    image_dir = out / "image_encoder" / "1"
+    assert (image_dir / "model.xml").is_file() and (image_dir / "model.bin").is_file()
+    assert not (image_dir / "model.onnx").exists()
+    image = parse_pbtxt((image_dir.parent / "config.pbtxt").read_text())
+    assert image.parameters["onnx_file"].string_value == "model.xml"
+    assert image.parameters["runtime"].string_value == "openvino"
+    facts = json.loads((out / "export_report.json").read_text())["precision_gate"]
+    (cand,) = facts["candidates"]
+    assert cand["facts"]["image_encoder"]["quantized_nodes"]["FakeQuantize"] > 0
+    _served(out, "int8", "openvino")
 
 
 def test_synthetic_posts_are_deterministic_and_preprocessable() -> None:
