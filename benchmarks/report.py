@@ -21,8 +21,9 @@ INCLUDES = {
     "research": "PyTorch eager, model only (tensors pre-made)",
     "research+preprocess": "PyTorch eager, preprocessing + model, from encoded bytes",
     "preprocess": "preprocessing only (JPEG decode, resize, tokenise), in process",
-    "onnxruntime": "ONNX Runtime, model only (tensors pre-made), threaded as the python flavour "
-    "serves it: the two encoders in parallel, no thread spinning",
+    "onnxruntime": "the exported graphs in process, model only (tensors pre-made), on the runtime "
+    "the python flavour serves them with (ONNX Runtime; OpenVINO for bf16 and int8:openvino: see "
+    "the runtime column), threaded as it serves them: the two encoders in parallel, no spinning",
     "onnxruntime+preprocess": "as onnxruntime, preprocessing + model, from encoded bytes",
     "onnxruntime-sequential": "ONNX Runtime, model only, its default thread spinning, the "
     "encoders one after the other (same thread count)",
