@@ -31,10 +31,20 @@ RUNTIME_OF: dict[str, str] = {
     "int8": ONNXRUNTIME,
     "bf16": OPENVINO,
 }
-# OpenVINO's INFERENCE_PRECISION_HINT per precision, and the OPTIMIZATION_CAPABILITIES entry the
-# CPU plugin must list for it (it lists BF16 only on CPUs with AMX or AVX-512 BF16).
-OPENVINO_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16"}
-OPENVINO_CAPABILITY: dict[str, str] = {"bf16": "BF16"}
+# The runtimes each precision can run on (the first is its default): int8 is ONNX Runtime's
+# quantized ONNX graph, or OpenVINO's NNCF-quantized IR (export/quantize.py).
+RUNTIMES_OF: dict[str, tuple[str, ...]] = {
+    "fp32": (ONNXRUNTIME, OPENVINO),
+    "fp16": (ONNXRUNTIME,),
+    "int8": (ONNXRUNTIME, OPENVINO),
+    "bf16": (OPENVINO,),
+}
+# OpenVINO's INFERENCE_PRECISION_HINT per precision (int8: the quantized operations run in INT8,
+# the rest in f32, as ONNX Runtime's int8 graphs), and the OPTIMIZATION_CAPABILITIES entry the CPU
+# plugin must list for it (BF16 only on CPUs with AMX or AVX-512 BF16).
+OPENVINO_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+OPENVINO_CAPABILITY: dict[str, str] = {"bf16": "BF16", "int8": "INT8"}
+OPENVINO_IR = "model.xml"  # an OpenVINO model (beside its model.bin): the NNCF int8 graphs
 
 
 class RuntimeRefused(RuntimeError):
@@ -60,6 +70,8 @@ def refusal(precision: str, runtime: str | None = None) -> str | None:
     runtime = runtime or RUNTIME_OF[precision]
     if runtime not in RUNTIMES:
         return f"unknown runtime {runtime!r}; known: {list(RUNTIMES)}"
+    if runtime not in RUNTIMES_OF[precision]:
+        return f"{precision} runs on {' or '.join(RUNTIMES_OF[precision])}, not {runtime}"
     if runtime == OPENVINO:
         if precision not in OPENVINO_HINTS:
             return f"{precision} is not an OpenVINO inference precision here"
@@ -75,8 +87,6 @@ def refusal(precision: str, runtime: str | None = None) -> str | None:
                     f"OpenVINO's CPU plugin lists only {have} on this machine"
                 )
         return None
-    if precision == "bf16":
-        return "bf16 runs on OpenVINO, not ONNX Runtime"
     return None
 
 
@@ -132,7 +142,7 @@ class OpenVinoSession(Session):
             if alias not in got:
                 raise RuntimeRefused(
                     f"OpenVINO compiled {path.name} with inference precision {got}, not "
-                    f"{precision}: refused rather than run in another precision"
+                    f"{OPENVINO_HINTS[precision]}: refused rather than run in another precision"
                 )
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
