@@ -431,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if precision == "fp32":
                 raise UsageError("--eval-posts feeds the precision gate: add --precision")
             read_eval_posts(args.eval_posts)  # unreadable posts fail before the slow model load
+        _check_replaceable(args.out)
         adding = _adding_version(args)
     except (ValueError, UsageError, EvalPostsError) as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
@@ -613,6 +614,24 @@ def _export(
         passed = _build_engines(args, stage)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return passed, summary
+
+
+def _check_replaceable(out: Path) -> None:
+    """An export replaces --out whole (atomically): refuse a folder that holds anything but a
+    model repository, so a mistyped --out (a home folder, a checkout) is never swapped away."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    looks_like_repo = (out / "export_report.json").is_file() or any(
+        (p / "config.pbtxt").is_file() for p in entries if p.is_dir()
+    )
+    if entries and not looks_like_repo:
+        raise UsageError(
+            f"--out {out} holds files but no model repository: refusing to replace it "
+            "(export to a new or empty folder, or to an earlier export)"
+        )
 
 
 def _adding_version(args: argparse.Namespace) -> bool:

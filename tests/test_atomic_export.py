@@ -87,3 +87,12 @@ def test_publish_and_stale_staging_cleanup(tmp_path: Path) -> None:
     publish(stage, out)  # an existing folder: exchanged, the old one removed
     assert sorted(p.name for p in out.iterdir()) == ["b"] and not stage.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]
+
+
+def test_a_folder_that_is_not_a_repository_is_never_replaced(tmp_path: Path) -> None:
+    """An export replaces --out whole: a mistyped --out holding other files is refused, exit 2."""
+    from tests.conftest import run_export
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert run_export(*TINY_EXPORT_ARGS, "--out", str(tmp_path)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
