@@ -51,6 +51,7 @@ AUTO_CANDIDATES = (
     ("int8", OPENVINO),
     ("bf16", OPENVINO),
 )
+NO_NNCF = "OpenVINO's int8 needs NNCF (pip install nncf; the 'export' extra has it)"
 CALIBRATION_POSTS = 32  # NNCF's static int8: activation ranges from these (synthetic) posts
 
 
@@ -133,7 +134,10 @@ def check_requested(precision: str, dep: Deployment) -> str | None:
             f"not {precision}"
         )
     if precision in ("int8", "bf16"):
-        return refusal(precision, dep.runtime or RUNTIME_OF[precision])
+        runtime = dep.runtime or RUNTIME_OF[precision]
+        if precision == "int8" and runtime == OPENVINO and not find_spec("nncf"):
+            return NO_NNCF
+        return refusal(precision, runtime)
     return None
 
 
@@ -173,7 +177,7 @@ def run(
         out.append(cand)
         why = refusal(name, runtime)
         if not why and name == "int8" and runtime == OPENVINO and not find_spec("nncf"):
-            why = "OpenVINO's int8 needs NNCF (pip install nncf; the 'export' extra has it)"
+            why = NO_NNCF
         if why:
             cand.refused = why
             cand.verdict = f"not run: {why}"
