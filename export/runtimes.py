@@ -1,5 +1,6 @@
 """Runs one exported graph on CPU with the runtime its precision needs: ONNX Runtime (fp32, fp16,
-int8) or OpenVINO (bf16). One place for how a graph is opened, threaded and refused.
+int8 ONNX graphs) or OpenVINO (bf16 over the FP32 ONNX file; int8 OpenVINO models quantized by
+NNCF). One place for how a graph is opened, threaded and refused.
 
 Numpy and the standard library only at import time (onnxruntime / openvino are imported when a
 session is opened): the repository writer copies this file beside each python-flavour compute model

@@ -1,5 +1,6 @@
-"""Triton python-backend model that serves one ONNX graph on CPU: ONNX Runtime (fp32, fp16,
-int8 graphs) or OpenVINO (bf16), as the config's `runtime` and `precision` parameters say.
+"""Triton python-backend model that serves one exported graph on CPU: ONNX Runtime (fp32, fp16,
+int8 ONNX graphs) or OpenVINO (bf16; NNCF int8 models), as the config's `runtime`, `precision`
+and `onnx_file` (the model file: model.onnx, or model.xml for OpenVINO int8) parameters say.
 
 For a tritonserver without the onnxruntime/openvino backends (the one in the `nvidia-pytriton`
 wheel). Names, dtypes and the ONNX file come from this model's config.pbtxt (generated from
