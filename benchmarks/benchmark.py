@@ -39,6 +39,12 @@ if importlib.util.find_spec("benchmarks") is None:  # run from a checkout, proje
         "benchmark.py: the crisis-triton project is not installed for this Python "
         f"({sys.executable}): run `pip install -e '.[bench]'` in the repository root"
     )
+from export.extras import missing_extra
+
+if _missing := missing_extra(
+    "benchmark.py", "bench", ("PIL", "tokenizers", "onnxruntime", "torch", "pytriton")
+):
+    sys.exit(_missing)
 
 from benchmarks import (
     inprocess,

@@ -45,6 +45,10 @@ if importlib.util.find_spec("benchmarks") is None:  # run from a checkout, proje
         "load.py: the crisis-triton project is not installed for this Python "
         f"({sys.executable}): run `pip install -e '.[bench]'` in the repository root"
     )
+from export.extras import missing_extra
+
+if _missing := missing_extra("load.py", "bench", ("PIL", "tokenizers", "pytriton")):
+    sys.exit(_missing)
 
 import numpy as np
 

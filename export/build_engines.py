@@ -38,6 +38,12 @@ if importlib.util.find_spec("deploy") is None:  # run from a checkout, project n
         "build_engines.py: the crisis-triton project is not installed for this Python "
         f"({sys.executable}): run `pip install -e '.[tensorrt]'` in the repository root"
     )
+from export.extras import missing_extra
+
+if _missing := missing_extra(
+    "build_engines.py", "tensorrt", ("PIL", "tokenizers", "onnxruntime", "onnx")
+):
+    sys.exit(_missing)
 
 from export.engine_facts import check_repository
 from export.engine_profile import (

@@ -46,6 +46,12 @@ if importlib.util.find_spec("deploy") is None:  # run from a checkout, project n
         "export.py: the crisis-triton project is not installed for this Python "
         f"({sys.executable}): run `pip install -e '.[export]'` in the repository root"
     )
+from export.extras import missing_extra
+
+if _missing := missing_extra(
+    "export.py", "export", ("PIL", "tokenizers", "onnxruntime", "onnx", "torch")
+):
+    sys.exit(_missing)
 
 from export.engine_profile import PRECISIONS
 from export.precision import PRECISION_CHOICES

@@ -196,3 +196,38 @@ def test_pip_install_dot_answers_like_the_full_install(
     assert thin.returncode == 0, thin.stderr
     full = full_client(url, protocol)
     assert thin.stdout == full.stdout and thin.stderr == full.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "extra"),
+    [
+        ("export/export.py", "export"),
+        ("benchmarks/benchmark.py", "bench"),
+        ("benchmarks/load.py", "bench"),
+        ("export/build_engines.py", "tensorrt"),
+    ],
+)
+def test_commands_of_an_extra_say_in_one_line_what_to_install(script: str, extra: str) -> None:
+    """In a thin install (the project's packages, none of the heavy ones) the commands that need
+    an extra exit 1 with one line naming it, not a traceback."""
+    code = f"""
+    import importlib.abc, runpy, sys
+
+    class _Heavy(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in {HEAVY!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, _Heavy())
+    sys.argv = [{script!r}, "--help"]
+    runpy.run_path({script!r}, run_name="__main__")
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pip install '.[{extra}]'" in lines[0], done.stderr[-2000:]
