@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,6 +118,19 @@ def policy_args(poll_seconds: float | None = None) -> list[str]:
 
 SHM_DIR = Path("/dev/shm")
 MIN_SHM_BYTES = 256 * 1024 * 1024
+
+
+SHM_REGION = re.compile(r"/dev/shm/(triton_python_backend_shm_region_[0-9A-Za-z_-]+)")
+
+
+def shm_regions_of(pid: int) -> set[str]:
+    """The python backend's shared-memory regions a running tritonserver has mapped (one per
+    stub: each python model instance), by name; empty where /proc cannot be read."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return set(SHM_REGION.findall(maps))
 
 
 def shm_warning(min_bytes: int = MIN_SHM_BYTES, shm_dir: Path = SHM_DIR) -> str | None:
@@ -217,6 +231,7 @@ class EmbeddedServer:
         self._ready_seconds: float | None = None
         self.returncode: int | None = None
         self._tee_thread: threading.Thread | None = None
+        self._shm_regions: set[str] = set()  # /dev/shm names of this server's python backend
 
     # ------------------------------------------------------------------ properties
     @property
@@ -415,6 +430,7 @@ class EmbeddedServer:
             if self._is_ready():
                 if self._proc.poll() is None:  # the answer came from our server
                     self._ready_seconds = time.monotonic() - self._launched_at
+                    self._shm_regions |= shm_regions_of(self._proc.pid)
                     return
                 continue
             live = http_request("GET", self._url(LIVE_PATH))
@@ -471,6 +487,7 @@ class EmbeddedServer:
             return self.returncode
         grace = self.stop_timeout if grace is None else float(grace)
         if proc.poll() is None:
+            self._shm_regions |= shm_regions_of(proc.pid)  # models loaded since (polling)
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
@@ -483,6 +500,12 @@ class EmbeddedServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         self._join_tee()
+        # A server that was killed (or crashed) never unlinks its python backend's shared-memory
+        # regions; they would fill a small /dev/shm for every later server. Its own are removed.
+        for name in self._shm_regions:
+            with contextlib.suppress(OSError):
+                (SHM_DIR / name).unlink(missing_ok=True)
+        self._shm_regions = set()
         self.returncode = proc.returncode
         self._proc = None
         _RUNNING.discard(self)

@@ -418,3 +418,24 @@ def test_shm_warning_names_the_size_and_the_fix(tmp_path: Path, monkeypatch) -> 
     assert warning is not None and "only 64 MiB" in warning and "--shm-size" in warning
     monkeypatch.setattr(server_module.shutil, "disk_usage", lambda _: usage(2**30, 0, 0))
     assert server_module.shm_warning() is None
+
+
+def test_a_killed_servers_shared_memory_is_removed(tiny_repo: Path) -> None:
+    """SIGKILL leaves the python backend's /dev/shm regions behind (Triton never unlinks them);
+    stop() removes this server's own, so a small /dev/shm does not fill up server after server."""
+    import os
+    import signal
+
+    from deploy.server import SHM_DIR, shm_regions_of
+
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    server = EmbeddedServer(tiny_repo, timeout=240, **ports).start()
+    try:
+        regions = shm_regions_of(server.pid)
+        assert regions and all((SHM_DIR / name).exists() for name in regions)
+        os.kill(server.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert all((SHM_DIR / name).exists() for name in regions)  # leaked by the kill
+    finally:
+        server.stop()
+    assert not any((SHM_DIR / name).exists() for name in regions)
