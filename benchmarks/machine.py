@@ -11,24 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from export.cpus import PRECISION_FLAGS, cpu_class, usable_cpus
-
-
-def _cpuinfo() -> dict[str, str]:
-    """First processor block of /proc/cpuinfo (empty off Linux)."""
-    info: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if not line.strip():
-            if info:
-                break
-            continue
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    return info
+from export.cpus import PRECISION_FLAGS, cpu_class, cpuinfo, usable_cpus
 
 
 def _ram_gib() -> float | None:
@@ -74,7 +57,7 @@ def cores() -> int:
 
 
 def describe(tritonserver_version: str | None = None) -> dict[str, Any]:
-    cpu = _cpuinfo()
+    cpu = cpuinfo()
     flags = set(cpu.get("flags", "").split())
     simd = [f for f in PRECISION_FLAGS if f in flags]
     gpu_list = gpus()

@@ -48,3 +48,21 @@ def test_cgroup_v1_quota_and_its_unlimited_value(tmp_path: Path) -> None:
 
 def test_unreadable_quota_falls_back_to_the_affinity_mask(tmp_path: Path) -> None:
     assert usable_cpus(_v2(tmp_path, "garbage\n")) == AFFINITY
+
+
+def test_cpuinfo_reads_the_first_processor_block(tmp_path) -> None:
+    from export.cpus import cpu_class, cpu_flags, cpu_model, cpuinfo
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_vnni\n\n"
+        "processor\t: 1\nmodel name\t: other\nflags\t\t: amx_int8\n"
+    )
+    assert cpuinfo(info)["model name"] == "AMD EPYC"
+    assert cpu_model(info) == "AMD EPYC"
+    assert cpu_flags(info) == frozenset({"fpu", "avx2", "avx512_vnni"})
+    assert cpu_class(cpu_flags(info)) == "vnni"
+    assert (
+        cpu_flags(tmp_path / "missing") == frozenset()
+        and cpu_model(tmp_path / "x") == "unknown CPU"
+    )

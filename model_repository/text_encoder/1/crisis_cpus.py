@@ -42,16 +42,26 @@ PRECISION_FLAGS = (
 )  # fmt: skip
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset:
-    """The first processor's flags from /proc/cpuinfo (empty where it cannot be read)."""
+def cpuinfo(path: Path = CPUINFO) -> dict[str, str]:
+    """The first processor block of /proc/cpuinfo (empty where it cannot be read)."""
+    info: dict[str, str] = {}
     try:
-        for line in cpuinfo.read_text().splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() == "flags":
-                return frozenset(value.split())
+        text = path.read_text(errors="replace")
     except OSError:
-        pass
-    return frozenset()
+        return info
+    for line in text.splitlines():
+        if not line.strip():
+            if info:
+                break
+            continue
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_flags(path: Path = CPUINFO) -> frozenset:
+    """The first processor's flags (empty where /proc/cpuinfo cannot be read)."""
+    return frozenset(cpuinfo(path).get("flags", "").split())
 
 
 def cpu_class(flags: frozenset) -> str:
@@ -64,12 +74,5 @@ def cpu_class(flags: frozenset) -> str:
     return "avx2" if "avx2" in flags else "other"
 
 
-def cpu_model(cpuinfo: Path = CPUINFO) -> str:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+def cpu_model(path: Path = CPUINFO) -> str:
+    return cpuinfo(path).get("model name") or "unknown CPU"
