@@ -46,6 +46,13 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{path.name} inputs {graph_inputs} differ from config.pbtxt {self.input_names}"
             )
+        missing = [n for n in self.output_names if n not in self.session.output_names]
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"{path.name} has no output {missing} of config.pbtxt {self.output_names}"
+            )
+        # the graph's outputs in the config's order, found once
+        self.output_order = [self.session.output_names.index(n) for n in self.output_names]
 
     def execute(self, requests):
         columns = {
@@ -56,7 +63,7 @@ class TritonPythonModel:
         feed = {name: np.concatenate(arrays) for name, arrays in columns.items()}
         try:
             results = self.session.run(feed)
-            results = [results[self.session.output_names.index(n)] for n in self.output_names]
+            results = [results[i] for i in self.output_order]
         except Exception as exc:  # one failed run fails this batch's requests, not the server
             error = pb_utils.TritonError(f"{self.session.runtime} failed: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
