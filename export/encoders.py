@@ -2,6 +2,8 @@
 
 - image: pixel_values [B, 3, S, S] -> image_features = pooled (post-layernorm CLS) [B, D_img]
 - text: input_ids [B, 77] -> text_features = final-layernorm state at the first EOS [B, D_txt]
+- token sequences (the cma_clip head, HF only): image tokens [B, 1+P, D_img] (post-layernormed,
+  token 0 = image_features) and text tokens [B, 77, D_txt] with their mask (1 up to EOS)
 
 Families: Hugging Face `transformers` CLIP (the paper's) and OpenCLIP (`open_clip_torch`, optional:
 it imports torchvision, see README). Weights come from a hub name, a local folder/file, a research
@@ -47,6 +49,52 @@ class HFTextEncoder(nn.Module):
         return self.text_model(input_ids=input_ids).pooler_output
 
 
+def eos_positions(text_model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B] index of the token the HF text model pools at (exactly as its pooler_output does).
+
+    eos_token_id 2 (the legacy configs, the OpenAI ones included): argmax of the ids, i.e. the
+    first 49407 of the OpenAI vocabulary; otherwise the first position of eos_token_id.
+    """
+    eos_id = getattr(text_model, "eos_token_id", 2)
+    if eos_id == 2:
+        return input_ids.to(torch.int32).argmax(dim=-1)
+    return (input_ids.to(torch.int32) == eos_id).to(torch.int32).argmax(dim=-1)
+
+
+class HFImageTokenEncoder(nn.Module):
+    """pixel_values [B,3,S,S] -> image tokens [B, 1+P, Di]: the vision model's last hidden state
+    with its post_layernorm applied to every token, so tokens[:, 0] is the pooled image feature."""
+
+    def __init__(self, vision_model: nn.Module) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self.vision_model.post_layernorm(hidden)
+
+
+class HFTextTokenEncoder(nn.Module):
+    """input_ids [B,T] int64 -> (tokens [B,T,Dt] float32, mask [B,T] float32).
+
+    tokens: the text model's last hidden state (final-layernormed); mask: 1.0 at positions
+    0..EOS (EOS: where the pooled text feature is taken, see eos_positions), 0.0 after, so
+    tokens[b, eos] is the pooled text feature. Causal attention: the padding cannot change the
+    unmasked tokens.
+    """
+
+    def __init__(self, text_model: nn.Module) -> None:
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.text_model(input_ids=input_ids).last_hidden_state
+        eos = eos_positions(self.text_model, input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        mask = (positions.unsqueeze(0) <= eos.unsqueeze(1)).to(tokens.dtype)
+        return tokens, mask
+
+
 class OpenCLIPImageEncoder(nn.Module):
     """open_clip VisionTransformer without its final projection (the pooled width-d feature)."""
 
@@ -89,6 +137,30 @@ class Encoders:
         self.image.eval()
         self.text.eval()
         return self
+
+    def token_encoders(self) -> tuple[HFImageTokenEncoder, HFTextTokenEncoder]:
+        """The token-sequence modules (for the cma_clip head) sharing these towers' weights.
+
+        Raises:
+            EncoderLoadError: OpenCLIP encoders (cma_clip needs Hugging Face CLIP encoders).
+        """
+        if not isinstance(self.image, HFImageEncoder) or not isinstance(self.text, HFTextEncoder):
+            raise EncoderLoadError(
+                f"cma_clip needs Hugging Face CLIP encoders (hf:...); these are {self.description}"
+            )
+        image = HFImageTokenEncoder(self.image.vision_model)
+        text = HFTextTokenEncoder(self.text.text_model)
+        image.train(self.image.training)
+        text.train(self.text.training)
+        return image, text
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B,3,S,S] -> [B, 1+P, Di]; tokens[:, 0] == self.image(pixel_values)."""
+        return self.token_encoders()[0](pixel_values)
+
+    def text_tokens(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B,T] int64 -> (tokens [B,T,Dt], mask [B,T] float 0/1 up to and including EOS)."""
+        return self.token_encoders()[1](input_ids)
 
 
 def parse_encoders(arg: str) -> tuple[str, str, str | None]:
