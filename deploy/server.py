@@ -98,12 +98,14 @@ METRICS_PATH = "/metrics"
 STOP_TIMEOUT = 30.0  # s from SIGTERM to SIGKILL; Triton drains for exit_timeout_secs() of it
 # Serving policy, the same for the embedded server and a stock Triton: no client can load or unload
 # models, ready means every model is ready, a model that fails to load stops the server, and configs
-# are used as written (never completed by the server).
+# are used as written (never completed by the server), and /metrics has latency quantiles per
+# model (nv_inference_request_summary_us{quantile="0.99"} etc.: the p99 of docs/monitoring.md).
 POLICY_ARGS: tuple[str, ...] = (
     "--model-control-mode", "none",
     "--strict-readiness", "true",
     "--exit-on-error", "true",
     "--disable-auto-complete-config",
+    "--metrics-config", "summary_latencies=true",
 )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ instead of clipped, and decoding is bounded by byte and pixel limits.
 from __future__ import annotations
 
 import codecs
+import enum
 import gzip
 import io
 import json
@@ -40,8 +41,40 @@ CLIP_SPLIT_PATTERN = (
 )
 
 
+# The counter the preprocess model (inside Triton) adds every refused post to, by `reason`.
+REJECTED_POSTS_METRIC = "crisis_rejected_posts_total"
+
+
+class RejectReason(str, enum.Enum):
+    """Why a post was refused: the stable values of the `reason` label of REJECTED_POSTS_METRIC,
+    declared once. Alert rules and dashboards (deploy/monitoring/) use them: add, never rename."""
+
+    EMPTY = "empty"  # 0 bytes of image
+    TOO_LARGE = "too_large"  # over max_image_bytes
+    TOO_MANY_PIXELS = "too_many_pixels"  # over max_image_pixels
+    DECOMPRESSION_BOMB = "decompression_bomb"  # over Pillow's own decompression-bomb limit
+    NOT_AN_IMAGE = "not_an_image"  # text, SVG, PDF, unknown bytes, a format no decoder allowed
+    FORMAT_NOT_ACCEPTED = "format_not_accepted"  # a known image format left out of image_formats
+    CORRUPT = "corrupt"  # an image header, then unreadable or truncated data
+    INVALID_UTF8 = "invalid_utf8"  # text or caption
+    BATCH_MISMATCH = "batch_mismatch"  # inputs of one request with different batch sizes
+    INTERNAL = "internal"  # an unforeseen error while preprocessing (a bug: see the log)
+
+
 class PreprocessError(ValueError):
-    """A request's input cannot be preprocessed; the message names the problem."""
+    """A request's input cannot be preprocessed; the message names the problem, `reason` says
+    which kind of problem (the label the server counts it under)."""
+
+    def __init__(self, message: str, *, reason: RejectReason) -> None:
+        super().__init__(message)
+        self.reason = RejectReason(reason)
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickling (process pools) keeps the reason
+        return (_preprocess_error, (str(self), self.reason.value))
+
+
+def _preprocess_error(message: str, reason: str) -> PreprocessError:
+    return PreprocessError(message, reason=RejectReason(reason))
 
 
 @dataclass(frozen=True)
@@ -223,7 +256,9 @@ def decode_utf8(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PreprocessError(f"{what} is not valid UTF-8 (byte {exc.start})") from None
+        raise PreprocessError(
+            f"{what} is not valid UTF-8 (byte {exc.start})", reason=RejectReason.INVALID_UTF8
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- image
@@ -264,14 +299,20 @@ def _printable(data: bytes) -> bool:
     return all(c.isprintable() or c in "\t\r\n" for c in sample)
 
 
-def _not_an_image(data: bytes, spec: PreprocessSpec) -> str:
+def _not_an_image(data: bytes, spec: PreprocessSpec) -> PreprocessError:
     """Why `data` was refused as an image, naming what it looks like instead."""
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
     for fmt, magic in _MAGIC:
         if data.startswith(magic) and (fmt != "WEBP" or data[8:12] == b"WEBP"):
             if fmt in spec.image_formats:
-                return f"image data is corrupt or truncated (a {fmt} header, then unreadable data)"
-            return f"image format {fmt} is not accepted (accepted: {', '.join(spec.image_formats)})"
+                return PreprocessError(
+                    f"image data is corrupt or truncated (a {fmt} header, then unreadable data)",
+                    reason=RejectReason.CORRUPT,
+                )
+            return PreprocessError(
+                f"image format {fmt} is not accepted (accepted: {', '.join(spec.image_formats)})",
+                reason=RejectReason.FORMAT_NOT_ACCEPTED,
+            )
     if head.startswith(b"%PDF"):
         what = "a PDF document"
     elif head.startswith(b"%!PS") or head.startswith(b"\xc5\xd0\xd3\xc6"):
@@ -285,17 +326,21 @@ def _not_an_image(data: bytes, spec: PreprocessSpec) -> str:
     else:
         what = "text"
     accepted = ", ".join(spec.image_formats)
-    return f"image bytes are {what}, not an image (accepted formats: {accepted})"
+    return PreprocessError(
+        f"image bytes are {what}, not an image (accepted formats: {accepted})",
+        reason=RejectReason.NOT_AN_IMAGE,
+    )
 
 
 def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
     """Encoded bytes -> RGB PIL image, bounded by the spec's byte and pixel limits and opened only
     by the decoders of `spec.image_formats`."""
     if len(data) == 0:
-        raise PreprocessError("image is empty (0 bytes)")
+        raise PreprocessError("image is empty (0 bytes)", reason=RejectReason.EMPTY)
     if len(data) > spec.max_image_bytes:
         raise PreprocessError(
-            f"image is {len(data)} bytes, over the limit of {spec.max_image_bytes} bytes"
+            f"image is {len(data)} bytes, over the limit of {spec.max_image_bytes} bytes",
+            reason=RejectReason.TOO_LARGE,
         )
     try:
         with warnings.catch_warnings():
@@ -305,7 +350,8 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
             if width * height > spec.max_image_pixels:
                 raise PreprocessError(
                     f"image is {width}x{height} pixels, over the limit of "
-                    f"{spec.max_image_pixels} pixels"
+                    f"{spec.max_image_pixels} pixels",
+                    reason=RejectReason.TOO_MANY_PIXELS,
                 )
             img.seek(0)  # first frame of an animated image
             img.load()
@@ -315,11 +361,16 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
     except PreprocessError:
         raise
     except UnidentifiedImageError:
-        raise PreprocessError(_not_an_image(data, spec)) from None
+        raise _not_an_image(data, spec) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PreprocessError(f"image rejected as a decompression bomb: {exc}") from None
+        raise PreprocessError(
+            f"image rejected as a decompression bomb: {exc}",
+            reason=RejectReason.DECOMPRESSION_BOMB,
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise PreprocessError(f"image data is corrupt or truncated: {exc}") from None
+        raise PreprocessError(
+            f"image data is corrupt or truncated: {exc}", reason=RejectReason.CORRUPT
+        ) from None
 
 
 def image_to_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:

@@ -6,6 +6,11 @@ the in-process paths run) and its parameters in `preprocess.json`, both beside t
 outputs are taken from config.pbtxt in the order export/triton_config.py writes them: inputs (image,
 text, caption), outputs (pixels, token ids). Each request is decoded in its own try block: a bad
 request gets an INVALID_ARG error naming the problem and the others in the batch are answered.
+
+Every refused post is counted in the custom metric `crisis_rejected_posts_total{reason=...}` (the
+python backend's metrics API; label values: crisis_preprocess.RejectReason), one per row of the
+refused request. Requests Triton refuses before this model runs (a missing input, a wrong dtype
+or shape) are not counted here: they are in the failure counts of the ensemble (docs/monitoring.md).
 """
 
 import json
@@ -14,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from crisis_preprocess import (
+    REJECTED_POSTS_METRIC,
     PreprocessError,
     PreprocessSpec,
+    RejectReason,
     TextPreprocessor,
     compose_text,
     decode_utf8,
@@ -31,6 +38,30 @@ class TritonPythonModel:
         self.text = TextPreprocessor(self.spec, assets_dir=here)
         self.image_name, self.text_name, self.caption_name = (t["name"] for t in config["input"])
         self.pixels_name, self.ids_name = (t["name"] for t in config["output"])
+        # Every reason's series exists (at 0) from the start: rates and alerts see the first one.
+        self.rejected_family = pb_utils.MetricFamily(
+            name=REJECTED_POSTS_METRIC,
+            description="Posts refused by preprocessing (INVALID_ARG answers), by reason",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.rejected = {
+            reason: self.rejected_family.Metric(labels={**labels, "reason": reason.value})
+            for reason in RejectReason
+        }
+
+    def finalize(self):
+        self.rejected.clear()  # the metrics go before their family (the backend requires it)
+        self.rejected_family = None
+
+    def _count_rejected(self, reason, request):
+        """Adds the request's posts (rows of its text input) to the rejection counter."""
+        try:
+            text = pb_utils.get_input_tensor_by_name(request, self.text_name)
+            rows = len(text.as_numpy()) if text is not None else 1
+            self.rejected[reason].increment(max(rows, 1))
+        except Exception as exc:  # counting never changes the answer
+            pb_utils.Logger.log_warn(f"{REJECTED_POSTS_METRIC}: not counted: {exc}")
 
     def _rows(self, request):
         """(pixels [n, 3, S, S], texts [n]) of one request, or PreprocessError."""
@@ -39,7 +70,10 @@ class TritonPythonModel:
         caption_tensor = pb_utils.get_input_tensor_by_name(request, self.caption_name)
         captions = caption_tensor.as_numpy() if caption_tensor is not None else None
         if len(images) != len(texts) or (captions is not None and len(captions) != len(texts)):
-            raise PreprocessError("image, text and caption must have the same batch size")
+            raise PreprocessError(
+                "image, text and caption must have the same batch size",
+                reason=RejectReason.BATCH_MISMATCH,
+            )
         pixels, composed = [], []
         for i in range(len(images)):
             where = f" (row {i})" if len(images) > 1 else ""
@@ -50,7 +84,7 @@ class TritonPythonModel:
                     decode_utf8(bytes(captions[i, 0]), "caption") if captions is not None else None
                 )
             except PreprocessError as exc:
-                raise PreprocessError(f"{exc}{where}") from None
+                raise PreprocessError(f"{exc}{where}", reason=exc.reason) from None
             composed.append(compose_text(tweet, caption, self.spec))
         return np.stack(pixels), composed
 
@@ -60,8 +94,10 @@ class TritonPythonModel:
             try:
                 results.append(self._rows(request))
             except PreprocessError as exc:
+                self._count_rejected(exc.reason, request)
                 results.append(pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
             except Exception as exc:  # anything unforeseen fails this request only
+                self._count_rejected(RejectReason.INTERNAL, request)
                 results.append(
                     pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}: {exc}")
                 )
