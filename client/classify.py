@@ -32,9 +32,12 @@ if importlib.util.find_spec("client") is None:  # `python client/classify.py`, n
     )
 
 from client.triton_client import (
+    DEFAULT_RETRIES,
     DEFAULT_RETRY_DEADLINE_S,
     DEFAULT_TIMEOUT_S,
     DEFAULT_URLS,
+    AccessDeniedError,
+    CertificateError,
     ClientError,
     CrisisClient,
     InferenceError,
@@ -43,7 +46,8 @@ from client.triton_client import (
     RequestTimeoutError,
     ServerUnreachableError,
     TaskNotServedError,
-    normalize_url,
+    parse_header,
+    parse_url,
 )
 from export.names import CAPTION_INPUT, ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
 
@@ -56,11 +60,12 @@ class ExitCode(IntEnum):
     ERROR = 1  # unexpected error (a bug, or an answer the client does not understand)
     USAGE = 2  # bad command line
     INPUT = 3  # missing / unreadable image, batch or results file
-    UNREACHABLE = 4  # cannot reach Triton (after retrying up to --retry-deadline)
+    UNREACHABLE = 4  # cannot reach Triton, TLS failed, or overloaded after --retries retries
     NOT_READY = 5  # model not ready, or a requested task / the caption input not served
     REJECTED = 6  # the server rejected the post (e.g. the image cannot be decoded)
     TIMEOUT = 7  # no answer within --timeout
     ROWS_FAILED = 8  # batch finished, but some rows have an error (recorded in --results)
+    DENIED = 9  # the server refused access (a missing or wrong --header, HTTP 401/403)
     INTERRUPTED = 130  # Ctrl-C (batch: rerun the same command to resume)
 
 
@@ -69,12 +74,15 @@ exit codes:
   0    success
   1    unexpected error (a bug, or an answer the client does not understand)
   2    bad command line
-  3    input file missing or unreadable (image, batch file, results file of another batch)
-  4    cannot reach Triton (connection failures are retried up to --retry-deadline)
+  3    input file missing or unreadable (image, batch file, results file of another batch,
+       TLS certificate or key)
+  4    cannot reach Triton (connection failures are retried up to --retry-deadline), the TLS
+       handshake failed, or the server stayed overloaded (429/503) through --retries retries
   5    model not ready, or a requested task / the caption input is not served
   6    the server rejected the post (e.g. an image it cannot decode)
   7    no answer from the server within --timeout
   8    batch finished but some rows failed (their errors are in the results file)
+  9    the server refused access (HTTP 401/403, or a restricted API: a missing or wrong --header)
   130  interrupted (batch: rerun the same command to resume)
 """
 
@@ -117,19 +125,28 @@ def parse_tasks(values: Sequence[str] | None) -> list[str] | None:
 
 
 def predictions_json(predictions: Mapping[str, Prediction], top_only: bool = False) -> dict:
-    """{task: {"label": ..., "probabilities": {label: prob}}} (top-k only with `top_only`)."""
+    """{task: {"label": ..., "probabilities": {label: prob}, ...}} (Prediction.as_json; top-k
+    only with `top_only`)."""
     return {task: p.as_json(top_only) for task, p in predictions.items()}
 
 
 def format_predictions(predictions: Mapping[str, Prediction], bar_width: int = 30) -> str:
-    """Readable report: per task the predicted label, then the classes by decreasing probability."""
+    """Readable report: the modalities of the post that went into the answer (where the server
+    says), then per task the predicted label, the classes by decreasing probability and the
+    head's modality weights (where served: the cma_clip head)."""
     lines: list[str] = []
+    used = next((p.modalities_used for p in predictions.values()), None)
+    if used is not None:
+        lines.append(f"modalities used: {', '.join(used) or 'none'}")
     for task, pred in predictions.items():
         lines.append(f"{task}: {pred.label}")
         width = max(len(label) for label, _ in pred.top)
         for label, prob in pred.top:
             bar = "#" * round(max(0.0, min(1.0, prob)) * bar_width)
             lines.append(f"  {label:<{width}}  {prob:6.4f}  {bar}")
+        if pred.modality_weights is not None:
+            weights = "  ".join(f"{m} {w:6.4f}" for m, w in pred.modality_weights.items())
+            lines.append(f"  modality weights: {weights}")
     return "\n".join(lines)
 
 
@@ -304,9 +321,10 @@ class Progress:
 
 ClassifyFn = Callable[[bytes, str, str | None], Mapping[str, Prediction]]
 FATAL_ERRORS: tuple[type[BaseException], ...] = (
-    ServerUnreachableError,
+    ServerUnreachableError,  # also ServerOverloadedError: overloaded through every retry
     ModelNotReadyError,
     TaskNotServedError,
+    AccessDeniedError,
 )
 
 
@@ -444,6 +462,23 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _header(value: str) -> tuple[str, str]:
+    try:
+        return parse_header(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _seconds(value: str) -> float:
     try:
         s = float(value)
@@ -467,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
             '  python client/classify.py photo.jpg "Bridge collapsed on Main St #flood"\n'
             '  python client/classify.py photo.jpg "Roads flooded" --task task1,task3 --top-k 2\n'
             '  python client/classify.py photo.jpg "Roads flooded" --json --protocol grpc\n'
+            '  python client/classify.py --no-image "Roads flooded #harvey"   (text-only post)\n'
             "  python client/classify.py --batch posts.csv --results results.jsonl "
             "--concurrency 8\n\n"
             f"batch files: a header row {IMAGE_INPUT},{TEXT_INPUT}[,{CAPTION_INPUT}], then one "
@@ -493,15 +529,51 @@ def build_parser() -> argparse.ArgumentParser:
     server = parser.add_argument_group("server")
     server.add_argument(
         "--url",
-        metavar="HOST:PORT",
-        help=f"Triton address (default {DEFAULT_URLS['http']} for http, {DEFAULT_URLS['grpc']} "
-        "for grpc), e.g. --url triton.internal:8000",
+        metavar="URL",
+        help="Triton address: HOST:PORT, http://HOST:PORT, https://HOST:PORT (TLS), "
+        "grpc://HOST:PORT or grpcs://HOST:PORT (gRPC over TLS); the scheme sets the protocol "
+        f"(default {DEFAULT_URLS['http']} for http, {DEFAULT_URLS['grpc']} for grpc), e.g. "
+        "--url triton.internal:8000 or --url https://triton.example.org:8443",
     )
     server.add_argument(
         "--protocol",
         choices=("http", "grpc"),
-        default="http",
-        help="protocol to talk to Triton (default: http), e.g. --protocol grpc",
+        default=None,
+        help="protocol for a HOST:PORT --url (default: http; a url's scheme sets it, and "
+        "--protocol must then agree), e.g. --protocol grpc",
+    )
+    server.add_argument(
+        "--root-certs",
+        metavar="FILE",
+        help="TLS (https:// or grpcs:// url): PEM file of the certificate authorities to trust "
+        "instead of the system's, e.g. --root-certs ca.pem",
+    )
+    server.add_argument(
+        "--client-cert",
+        metavar="FILE",
+        help="mutual TLS: PEM client certificate (with --client-key), e.g. --client-cert me.pem",
+    )
+    server.add_argument(
+        "--client-key",
+        metavar="FILE",
+        help="mutual TLS: PEM private key of --client-cert, e.g. --client-key me.key",
+    )
+    server.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        type=_header,
+        metavar="NAME:VALUE",
+        help="send this header with every request (health, metadata, config, inference), "
+        "repeatable, e.g. -H admin-key:SECRET (over gRPC, Triton's restricted protocols expect "
+        "triton-grpc-protocol-<key>: -H triton-grpc-protocol-admin-key:SECRET)",
+    )
+    server.add_argument(
+        "--model-version",
+        type=_positive_int,
+        metavar="N",
+        help=f"ask for version N of the {ENSEMBLE!r} model (default: the server's choice, its "
+        "latest loaded), e.g. --model-version 2",
     )
     server.add_argument(
         "--timeout",
@@ -516,9 +588,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_RETRY_DEADLINE_S,
         metavar="SECONDS",
-        help="retry connection failures and 'unavailable' answers with exponential backoff for "
+        help="retry connection failures (a server starting) with exponential backoff for "
         f"up to this many seconds (default: {DEFAULT_RETRY_DEADLINE_S:g}), e.g. "
         "--retry-deadline 30",
+    )
+    server.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=DEFAULT_RETRIES,
+        metavar="N",
+        help="retry overload answers (HTTP 429 and 503, gRPC UNAVAILABLE and RESOURCE_EXHAUSTED: "
+        "e.g. a TLS front at its connection limit) up to N times, with capped exponential "
+        f"backoff and jitter; 0: never (default: {DEFAULT_RETRIES}). Other errors (400s, 500) "
+        "are never retried. E.g. --retries 10",
+    )
+    server.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log to stderr what is sent (url, protocol, TLS files, model, version, headers "
+        "with secret-looking values masked), each answer's time and every retry",
     )
     what = parser.add_argument_group("what to report")
     what.add_argument(
@@ -527,6 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TASK",
         help="task to report, repeatable or comma-separated (default: every task the server "
         "serves), e.g. --task task1 --task task3 or --task task1,task3",
+    )
+    what.add_argument(
+        "--no-image",
+        action="store_true",
+        help="a text-only post: give TEXT alone. Answered only by a served head that can "
+        "(cma_clip, or the paper's head trained with --modality-dropout); others refuse it "
+        'saying why (exit 6), e.g. --no-image "Roads flooded #harvey"',
     )
     what.add_argument(
         "--caption",
@@ -544,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help='print one JSON object instead of text: {"task1": {"label": ..., '
-        '"probabilities": {label: prob}}, ...}',
+        '"probabilities": {label: prob}, "modalities_used": ["image", "text"]}, ...}; '
+        '"modality_weights": {"image": w, "text": w} too where the head gives them (cma_clip)',
     )
     batch = parser.add_argument_group("batch mode")
     batch.add_argument(
@@ -589,6 +686,16 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--caption is for one post; in batch mode use a caption column")
         if args.json:
             parser.error("--json is for one post; batch results are written to --results")
+        if args.no_image:
+            parser.error("--no-image is for one post (batch rows each name their image)")
+    elif args.no_image:
+        if args.text is not None:
+            parser.error("--no-image takes TEXT alone, not an IMAGE")
+        if args.image is None:
+            parser.error("--no-image needs the post's TEXT")
+        args.image, args.text = None, args.image  # the one positional is the text
+        if args.results is not None:
+            parser.error("--results goes with --batch")
     else:
         if args.image is None or args.text is None:
             parser.error("give IMAGE and TEXT (or --batch FILE --results OUT.jsonl)")
@@ -598,9 +705,19 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--timeout must be > 0")
     try:
         args.tasks = parse_tasks(args.task)
-        normalize_url(args.url, args.protocol)
+        endpoint = parse_url(args.url, args.protocol)
     except ValueError as exc:
         parser.error(str(exc))
+    tls_files = [
+        f"--{name.replace('_', '-')}"
+        for name in ("root_certs", "client_cert", "client_key")
+        if getattr(args, name) is not None
+    ]
+    if tls_files and not endpoint.tls:
+        parser.error(f"{', '.join(tls_files)}: give a TLS --url (https://... or grpcs://...)")
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("mutual TLS needs both --client-cert and --client-key")
+    args.headers = dict(args.header or [])  # a name given twice: the last value
 
 
 def _make_client(args: argparse.Namespace) -> CrisisClient:
@@ -611,9 +728,23 @@ def _make_client(args: argparse.Namespace) -> CrisisClient:
             timeout=args.timeout,
             concurrency=args.concurrency,
             retry_deadline=args.retry_deadline,
+            retries=args.retries,
+            model_version=args.model_version,
+            headers=args.headers,
+            root_certs=args.root_certs,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            verbose=args.verbose,
+            log=_log,
         )
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+
+
+def _log(message: str) -> None:
+    """-v/--verbose lines, on stderr (stdout keeps the answer alone, e.g. --json)."""
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
 
 
 class _UsageError(Exception):
@@ -628,7 +759,7 @@ def warn_if_random(client: CrisisClient) -> None:
 
 
 def run_single(args: argparse.Namespace, stdout: TextIO) -> int:
-    image = read_image(Path(args.image))
+    image = read_image(Path(args.image)) if args.image is not None else None
     with _make_client(args) as client:
         client.check_ready()
         warn_if_random(client)
@@ -688,10 +819,12 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         return int(run_single(args, stdout if stdout is not None else sys.stdout))
     except _UsageError as exc:
         return _fail(f"{exc} (see --help)", ExitCode.USAGE)
-    except InputError as exc:
+    except (InputError, CertificateError) as exc:
         return _fail(str(exc), ExitCode.INPUT)
     except ServerUnreachableError as exc:
         return _fail(str(exc), ExitCode.UNREACHABLE)
+    except AccessDeniedError as exc:
+        return _fail(str(exc), ExitCode.DENIED)
     except (ModelNotReadyError, TaskNotServedError) as exc:
         return _fail(str(exc), ExitCode.NOT_READY)
     except InferenceError as exc:

@@ -7,23 +7,37 @@ how many classes each has (the output's shape) and the class labels (Triton's cl
 extension, which reads each output's `label_filename`). Names come from `export.names` (standard
 library only: the client needs numpy and `tritonclient`, nothing of the export or serving stack).
 
+Where and how (docs/client.md, "Client options"): a URL `host:port`, `http://`, `https://`,
+`grpc://` or `grpcs://` (TLS: `root_certs`, and `client_cert` + `client_key` for mutual TLS),
+`headers` sent with every request, `model_version` of the ensemble.
+
 Failures are `ClientError`s with a one-line, human-readable message; subclasses say what went
-wrong (`ServerUnreachableError`, `ModelNotReadyError`, `TaskNotServedError`, `InferenceError`,
-`RequestTimeoutError`). Connection failures and "unavailable" answers (HTTP 503, gRPC UNAVAILABLE)
-are retried with exponential backoff until `retry_deadline` seconds have passed.
+wrong (`ServerUnreachableError`, `ServerOverloadedError`, `AccessDeniedError`,
+`ModelNotReadyError`, `TaskNotServedError`, `InferenceError`, `RequestTimeoutError`,
+`CertificateError`). Two kinds of failure are retried, with capped exponential backoff and jitter:
+connection failures until `retry_deadline` seconds have passed (a server starting up), and overload
+answers (HTTP 429 and 503, gRPC UNAVAILABLE and RESOURCE_EXHAUSTED: what a TLS front such as nginx
+answers at its connection limit) up to `retries` times. Other answers (400s, 500) are not retried.
 
 `tritonclient` is imported lazily (on the first request), so importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import random
 import re
+import ssl
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 import numpy as np
 
@@ -31,8 +45,11 @@ from export.names import (
     CAPTION_INPUT,
     ENSEMBLE,
     IMAGE_INPUT,
+    MODALITIES,
+    MODALITIES_USED,
     TEXT_INPUT,
     WEIGHTS_PARAMETER,
+    modality_weights_name,
     probs_name,
     task_of_output,
 )
@@ -42,8 +59,27 @@ PROTOCOLS: tuple[str, ...] = ("http", "grpc")
 DEFAULT_URLS: dict[str, str] = {"http": "localhost:8000", "grpc": "localhost:8001"}
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRY_DEADLINE_S = 5.0
+DEFAULT_RETRIES = 5  # overload answers: 5 retries wait 1.6 to 3.1 s in all (backoff())
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 2.0
+# URL schemes -> (protocol, TLS); a bare host:port takes the protocol argument (default http).
+SCHEMES: dict[str, tuple[str, bool]] = {
+    "http": ("http", False),
+    "https": ("http", True),
+    "grpc": ("grpc", False),
+    "grpcs": ("grpc", True),
+}
+# Answers meaning "busy now, try again" (a front's connection limit, Triton's queue): retried.
+RETRY_STATUSES: frozenset[str] = frozenset(
+    {"429", "503", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
+)
+# Answers meaning "not allowed": a missing/wrong header (Triton's restricted APIs, a front's auth).
+DENIED_STATUSES: frozenset[str] = frozenset(
+    {"401", "403", "StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED"}
+)
+# Header names whose values -v/--verbose shows masked.
+SECRET_HEADER = re.compile(r"key|token|secret|auth|passw|cookie|session|credential|signature", re.I)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 9110)
 
 T = TypeVar("T")
 
@@ -62,7 +98,21 @@ class ClientError(Exception):
 
 
 class ServerUnreachableError(ClientError):
-    """No connection to Triton (or it kept answering "unavailable") until the retry deadline."""
+    """No connection to Triton until the retry deadline, or a failed TLS handshake."""
+
+
+class ServerOverloadedError(ServerUnreachableError):
+    """Triton (or a front before it) answered "overloaded" (HTTP 429/503, gRPC UNAVAILABLE /
+    RESOURCE_EXHAUSTED) to every try: the first and `retries` retries."""
+
+
+class AccessDeniedError(ClientError):
+    """The server refused the request: HTTP 401/403, gRPC PERMISSION_DENIED / UNAUTHENTICATED, or
+    one of Triton's restricted APIs called without its header (see `headers`)."""
+
+
+class CertificateError(ClientError):
+    """A TLS file (root certificates, client certificate or key) is missing or unusable."""
 
 
 class ModelNotReadyError(ClientError):
@@ -100,30 +150,43 @@ def bytes_input(module: Any, name: str, value: bytes, shape: Sequence[int] = (1,
     return tensor
 
 
-def raw_probabilities(
+def raw_outputs(
     module: Any,
     url: str,
-    image: bytes,
+    image: bytes | None,
     text: str,
     caption: str | None,
-    tasks: Sequence[str],
+    names: Sequence[str],
 ) -> dict[str, np.ndarray]:
     """One post through the ensemble with tritonclient alone (`module`: tritonclient.http or
-    .grpc): each task's FP32 probabilities, unrounded (TritonClassifier reads the 6 decimals of
-    Triton's classification extension). For checks that compare numbers with a reference."""
-    inputs = [
-        bytes_input(module, IMAGE_INPUT, image),
-        bytes_input(module, TEXT_INPUT, text.encode()),
-    ]
+    .grpc): the named outputs of its one row, FP32 unrounded. `image` None: a post without one
+    (answered only by heads that can: docs/text-only.md). For checks against a reference."""
+    inputs = [bytes_input(module, TEXT_INPUT, text.encode())]
+    if image is not None:
+        inputs.insert(0, bytes_input(module, IMAGE_INPUT, image))
     if caption is not None:
         inputs.append(bytes_input(module, CAPTION_INPUT, caption.encode()))
-    outputs = [module.InferRequestedOutput(probs_name(t)) for t in tasks]
+    outputs = [module.InferRequestedOutput(n) for n in names]
     client = module.InferenceServerClient(url)
     try:
         result = client.infer(ENSEMBLE, inputs, outputs=outputs)
     finally:
         client.close()
-    return {t: result.as_numpy(probs_name(t))[0] for t in tasks}
+    return {n: result.as_numpy(n)[0] for n in names}
+
+
+def raw_probabilities(
+    module: Any,
+    url: str,
+    image: bytes | None,
+    text: str,
+    caption: str | None,
+    tasks: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Each task's FP32 probabilities of one post (raw_outputs), unrounded (TritonClassifier reads
+    the 6 decimals of Triton's classification extension)."""
+    raw = raw_outputs(module, url, image, text, caption, [probs_name(t) for t in tasks])
+    return {t: raw[probs_name(t)] for t in tasks}
 
 
 @dataclass(frozen=True)
@@ -141,24 +204,36 @@ class Prediction:
 
     `probabilities` holds every class in class-index order; `top` the classes sorted by decreasing
     probability (ties: lower class index first), cut to `top_k` when one was asked for.
+    `modalities_used`: the post's modalities that went into the answer ("image", "text"), where the
+    server says (export.names.MODALITIES_USED); `modality_weights`: how much the head weighed each
+    modality for this task ({"image": w, "text": 1 - w}), where it says (the cma_clip head).
     """
 
     task: str
     label: str
     probabilities: dict[str, float]
     top: list[tuple[str, float]]
+    modalities_used: tuple[str, ...] | None = None
+    modality_weights: dict[str, float] | None = None
 
     def as_json(self, top_only: bool = False) -> dict[str, Any]:
-        """`{"label": ..., "probabilities": {label: prob}}`; with `top_only`, only the top ones."""
+        """`{"label": ..., "probabilities": {label: prob}}` (+ "modalities_used": [...] and
+        "modality_weights": {"image": w, "text": w} where served); with `top_only`, only the top
+        classes."""
         probs = dict(self.top) if top_only else dict(self.probabilities)
-        return {"label": self.label, "probabilities": probs}
+        out: dict[str, Any] = {"label": self.label, "probabilities": probs}
+        if self.modalities_used is not None:
+            out["modalities_used"] = list(self.modalities_used)
+        if self.modality_weights is not None:
+            out["modality_weights"] = dict(self.modality_weights)
+        return out
 
 
 @dataclass(frozen=True)
 class Post:
-    """One crisis post to classify."""
+    """One crisis post to classify (`image` None: a text-only post)."""
 
-    image: bytes
+    image: bytes | None
     text: str
     caption: str | None = None
 
@@ -223,6 +298,7 @@ class ModelInfo:
 
     inputs: tuple[str, ...]
     num_classes: dict[str, int]  # task -> C, in the model's output order
+    outputs: tuple[str, ...] = ()  # every output name
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -246,7 +322,8 @@ def model_info_from_metadata(metadata: dict[str, Any], model: str = ENSEMBLE) ->
         num_classes[task] = shape[-1]
     if not num_classes:
         raise ClientError(f"model {model} serves no task (no probs_<task> output)")
-    return ModelInfo(inputs=inputs, num_classes=num_classes)
+    outputs = tuple(str(t["name"]) for t in metadata.get("outputs", []))
+    return ModelInfo(inputs=inputs, num_classes=num_classes, outputs=outputs)
 
 
 # ------------------------------------------------------------------------------ server errors
@@ -263,6 +340,23 @@ _BOILERPLATE = (
 _PYTHON_TRACE = re.compile(r"\n\s*At:\s*\n")
 
 
+_DECODE_FAILURE = "an exception occurred in the client while decoding the response"
+_HTML_TITLE = re.compile(r"<title>(.*?)</title>|<h1>(.*?)</h1>", re.I | re.S)
+
+
+def plain_answer(message: str, status: str = "") -> str:
+    """A non-JSON HTTP answer (a front such as nginx answers HTML pages) in one readable piece:
+    "HTTP 503: 503 Service Temporarily Unavailable" instead of tritonclient's decoding failure."""
+    if not message.startswith(_DECODE_FAILURE):
+        return message
+    body = message.partition("response:")[2].strip()
+    found = _HTML_TITLE.search(body)
+    text = next((g for g in found.groups() if g), "") if found else body
+    text = " ".join(re.sub(r"<[^>]+>", " ", text).split())[:200]
+    prefix = f"HTTP {status}" if status else "HTTP error"
+    return f"{prefix}: {text}" if text else f"{prefix} (no body)"
+
+
 def strip_triton_prefix(message: str) -> str:
     """Drop Triton's wrapping ("in ensemble 'x', ...") of the error message of a model."""
     message = _PYTHON_TRACE.split(message, maxsplit=1)[0]  # python backend's "At: file(line)"
@@ -277,20 +371,114 @@ def strip_triton_prefix(message: str) -> str:
 # ------------------------------------------------------------------------------------ client
 
 
-def normalize_url(url: str | None, protocol: str) -> str:
-    """host:port for tritonclient: default per protocol, scheme prefix ("http://") dropped."""
-    if protocol not in PROTOCOLS:
+@dataclass(frozen=True)
+class Endpoint:
+    """Where Triton is: protocol, `host:port` (HTTP: optionally `/base/path`), TLS or not."""
+
+    protocol: str  # "http" or "grpc"
+    address: str  # what tritonclient takes: host:port, no scheme
+    tls: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return self.protocol + ("s" if self.tls else "")
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.address}"
+
+
+def parse_url(url: str | None, protocol: str | None = None) -> Endpoint:
+    """`host:port` (protocol: the argument, default http), or `http://`, `https://`, `grpc://`,
+    `grpcs://` + host:port (the scheme says the protocol and TLS; a `protocol` given must agree).
+    No url: the protocol's default address, without TLS."""
+    if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if not url:
-        return DEFAULT_URLS[protocol]
-    for scheme in ("http://", "grpc://"):
-        if url.startswith(scheme):
-            if scheme.removesuffix("://") != protocol:
-                raise ValueError(f"url {url!r} does not match protocol {protocol!r}")
-            url = url.removeprefix(scheme)
-    if "://" in url:
-        raise ValueError(f"unsupported url scheme in {url!r} (use host:port)")
-    return url.rstrip("/")
+        chosen = protocol or "http"
+        return Endpoint(chosen, DEFAULT_URLS[chosen])
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        if scheme.lower() not in SCHEMES:
+            raise ValueError(
+                f"unsupported url scheme {scheme!r} in {url!r}: use host:port, http://, https://, "
+                "grpc:// or grpcs://"
+            )
+        chosen, tls = SCHEMES[scheme.lower()]
+        if protocol is not None and protocol != chosen:
+            raise ValueError(f"url {url!r} does not match protocol {protocol!r}")
+    else:
+        chosen, tls, rest = protocol or "http", False, url
+    address = rest.rstrip("/")
+    if not address or address.startswith("/") or any(c.isspace() for c in address):
+        raise ValueError(f"url {url!r} has no valid host[:port]")
+    if chosen == "grpc" and "/" in address:
+        raise ValueError(f"url {url!r}: a gRPC address has no path (host:port)")
+    return Endpoint(chosen, address, tls)
+
+
+def normalize_url(url: str | None, protocol: str) -> str:
+    """host:port for tritonclient: default per protocol, scheme prefix ("http://") dropped."""
+    return parse_url(url, protocol).address
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """ "NAME:VALUE" (the -H option, as curl's) -> (name, value); spaces around both dropped."""
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not name:
+        raise ValueError(f"header {text!r}: expected NAME:VALUE, e.g. admin-key:secret")
+    check_header(name, value)
+    return name, value
+
+
+def check_header(name: str, value: str) -> None:
+    """A header name must be an HTTP token, its value one line (no CR, LF or NUL)."""
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"header {name!r}: the value must be one line")
+
+
+def shown_headers(headers: Mapping[str, str]) -> str:
+    """Headers for a log line, secret-looking ones (`SECRET_HEADER`) masked: "admin-key: ***"."""
+    return ", ".join(f"{k}: {'***' if SECRET_HEADER.search(k) else v}" for k, v in headers.items())
+
+
+def backoff(retry: int) -> float:
+    """Seconds to wait before retry number `retry` (0, 1, ...): capped exponential backoff with
+    equal jitter, between half and all of min(_BACKOFF_MAX_S, _BACKOFF_START_S * 2**retry), so that
+    clients turned away together do not all come back together."""
+    step = min(_BACKOFF_MAX_S, _BACKOFF_START_S * 2 ** min(retry, 30))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def check_tls_files(
+    root_certs: str | None, client_cert: str | None, client_key: str | None
+) -> None:
+    """Load the files as TLS would, so that a wrong one fails now with its name (not as a failed
+    connection later): root certificates (PEM), client certificate + key (PEM, must match)."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("mutual TLS needs both a client certificate and its key")
+    for what, path in (
+        ("root certificates", root_certs),
+        ("client certificate", client_cert),
+        ("client key", client_key),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise CertificateError(f"{what} file not found: {path}")
+    try:
+        context = ssl.create_default_context(cafile=root_certs)
+    except (ssl.SSLError, OSError) as exc:
+        raise CertificateError(f"cannot load root certificates {root_certs}: {exc}") from None
+    if client_cert is not None:
+        try:
+            context.load_cert_chain(client_cert, client_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise CertificateError(
+                f"cannot load client certificate {client_cert} with key {client_key} (PEM files, "
+                f"the key matching the certificate): {exc}"
+            ) from None
 
 
 class CrisisClient:
@@ -300,18 +488,37 @@ class CrisisClient:
     gevent-based and bound to the thread that made it, so each thread gets its own (one connection
     each); gRPC: one shared channel. Use as a context manager, or call `close()`.
     `classify_many` runs up to `concurrency` requests in parallel.
+
+    Args:
+        url: `host:port` or `http://`, `https://`, `grpc://`, `grpcs://` + host:port (`parse_url`).
+        protocol: "http" or "grpc" for a bare host:port (default http); must agree with a scheme.
+        root_certs: PEM file of the CAs to trust (TLS urls; default: the system's).
+        client_cert, client_key: PEM files for mutual TLS (both or neither).
+        headers: sent with every request (gRPC: as metadata, names lowercased).
+        model_version: the version of `model` to ask for (default: the server's choice).
+        retries: how many times an overload answer is retried (0: never).
+        retry_deadline: seconds during which connection failures are retried.
+        verbose: log each call (address, model, version, headers with secret-looking values
+            masked, timing, retries) through `log` (default: stderr).
     """
 
     def __init__(
         self,
         url: str | None = None,
-        protocol: Protocol | str = "http",
+        protocol: Protocol | str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         concurrency: int = 1,
         retry_deadline: float = DEFAULT_RETRY_DEADLINE_S,
+        retries: int = DEFAULT_RETRIES,
         model: str = ENSEMBLE,
+        model_version: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        root_certs: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
         verbose: bool = False,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
@@ -319,13 +526,34 @@ class CrisisClient:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if retry_deadline < 0:
             raise ValueError(f"retry_deadline must be >= 0, got {retry_deadline}")
-        self.protocol: str = protocol
-        self.url: str = normalize_url(url, protocol)
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if model_version is not None and (isinstance(model_version, bool) or model_version < 1):
+            raise ValueError(f"model_version must be a positive integer, got {model_version!r}")
+        self.endpoint = parse_url(url, protocol)
+        self.protocol: str = self.endpoint.protocol
+        self.url: str = self.endpoint.address
+        tls_files = (root_certs, client_cert, client_key)
+        if not self.endpoint.tls and any(f is not None for f in tls_files):
+            raise ValueError(
+                "root certificates and client certificates need a TLS url (https:// or grpcs://)"
+            )
+        if self.endpoint.tls:
+            check_tls_files(root_certs, client_cert, client_key)
+        self.root_certs, self.client_cert, self.client_key = tls_files
+        self.headers: dict[str, str] = {}
+        for name, value in (headers or {}).items():
+            check_header(name, value)
+            # gRPC metadata keys must be lowercase; HTTP header names ignore case.
+            self.headers[name.lower() if self.protocol == "grpc" else name] = value
+        self.model_version = model_version
         self.timeout = float(timeout)
         self.concurrency = int(concurrency)
         self.retry_deadline = float(retry_deadline)
+        self.retries = int(retries)
         self.model = model
         self.verbose = verbose
+        self._log_fn = log
         self._lock = threading.Lock()
         self._local = threading.local()
         self._clients: list[Any] = []  # every tritonclient client made, closed by close()
@@ -356,7 +584,26 @@ class CrisisClient:
                 pass
 
     def _where(self) -> str:
-        return f"{self.url} ({self.protocol})"
+        return f"{self.url} ({self.endpoint.scheme})"
+
+    def _what_model(self) -> str:
+        if self.model_version is None:
+            return f"model {self.model}"
+        return f"model {self.model} version {self.model_version}"
+
+    @property
+    def _version(self) -> str:
+        """tritonclient's model_version argument: '' lets the server choose."""
+        return "" if self.model_version is None else str(self.model_version)
+
+    def _log(self, message: str) -> None:
+        if not self.verbose:
+            return
+        if self._log_fn is not None:
+            self._log_fn(message)
+        else:
+            sys.stderr.write(f"crisis-client: {message}\n")
+            sys.stderr.flush()
 
     def _client(self) -> Any:
         """The tritonclient client for this call: gRPC's is shared, HTTP's is per thread."""
@@ -365,49 +612,89 @@ class CrisisClient:
                 if self._shared is None:
                     import tritonclient.grpc as grpcclient
 
-                    self._shared = grpcclient.InferenceServerClient(self.url, verbose=self.verbose)
+                    tls: dict[str, Any] = {}
+                    if self.endpoint.tls:
+                        tls = {
+                            "ssl": True,
+                            "root_certificates": self.root_certs,
+                            "private_key": self.client_key,
+                            "certificate_chain": self.client_cert,
+                        }
+                    self._shared = grpcclient.InferenceServerClient(self.url, **tls)
                     self._clients.append(self._shared)
+                    self._log(f"connecting to {self.endpoint.url}{self._tls_note()}")
                 return self._shared
         client = getattr(self._local, "client", None)
         if client is None:
             # gevent-based: a client may only be used by the thread that created it.
             import tritonclient.http as httpclient
 
+            tls = {}
+            if self.endpoint.tls:
+                # geventhttpclient's SSLConnectionPool: "ca_certs" replaces the system's CAs,
+                # "certfile" + "keyfile" are loaded into the context (mutual TLS).
+                options = {"ca_certs": self.root_certs} if self.root_certs else {}
+                if self.client_cert is not None:
+                    options.update(certfile=self.client_cert, keyfile=self.client_key)
+                tls = {"ssl": True, "ssl_options": options}
             client = httpclient.InferenceServerClient(
                 self.url,
-                verbose=self.verbose,
                 concurrency=1,
                 connection_timeout=self.timeout,
                 network_timeout=self.timeout,
+                **tls,
             )
             self._local.client = client
             with self._lock:
                 self._clients.append(client)
+            self._log(f"connecting to {self.endpoint.url}{self._tls_note()}")
         return client
 
+    def _tls_note(self) -> str:
+        if not self.endpoint.tls:
+            return ""
+        roots = self.root_certs or "the system's"
+        note = f" (TLS, root certificates {roots}"
+        if self.client_cert is not None:
+            note += f", client certificate {self.client_cert}"
+        return note + ")"
+
     def _kwargs(self) -> dict[str, Any]:
-        """Per-call timeout: gRPC takes it per call, HTTP has it on the client."""
-        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        """Per-call arguments: the headers; gRPC takes the timeout per call (HTTP: the client's)."""
+        kw: dict[str, Any] = {"headers": dict(self.headers) if self.headers else None}
+        if self.protocol == "grpc":
+            kw["client_timeout"] = self.timeout
+        return kw
 
     def _classify_exception(self, exc: BaseException) -> tuple[str, str]:
-        """-> (kind, detail): kind is 'connect' / 'unavailable' (retried), 'timeout', 'server'."""
+        """-> (kind, detail). kind: 'connect' (retried until the deadline), 'overload' (retried
+        `retries` times), 'denied', 'tls', 'timeout', 'server' (not retried)."""
         from tritonclient.utils import InferenceServerException
 
         if isinstance(exc, InferenceServerException):
             status = str(exc.status() or "")
-            msg = str(exc.message() or exc)
-            if status in ("503", "StatusCode.UNAVAILABLE"):
-                low = msg.lower()
-                if self.protocol == "grpc" and any(
-                    w in low for w in ("connect", "refused", "dns", "unreachable", "socket")
-                ):
+            msg = plain_answer(str(exc.message() or exc), status)
+            low = msg.lower()
+            if "restricted, expecting header" in low:  # Triton's restricted APIs (any protocol)
+                return "denied", msg
+            if status in DENIED_STATUSES:
+                return "denied", msg
+            if status == "StatusCode.UNAVAILABLE" and self.protocol == "grpc":
+                if any(w in low for w in ("ssl", "handshake", "certificate", "tls")):
+                    return "tls", msg
+                if any(w in low for w in ("connect", "refused", "dns", "unreachable", "socket")):
                     return "connect", msg
-                return "unavailable", msg
+            if status in RETRY_STATUSES:
+                return "overload", msg
             if status == "StatusCode.DEADLINE_EXCEEDED":
                 return "timeout", msg
             if status == "" and "failed to obtain inference response" in msg:
                 return "timeout", msg
             return "server", msg
+        if isinstance(exc, ssl.SSLError) and not isinstance(
+            exc, ssl.SSLEOFError | ssl.SSLZeroReturnError
+        ):
+            return "tls", getattr(exc, "verify_message", None) or exc.reason or str(exc)
         if isinstance(exc, TimeoutError):
             return "timeout", str(exc) or type(exc).__name__
         if isinstance(exc, OSError):
@@ -428,56 +715,128 @@ class CrisisClient:
         raise exc
 
     def _call(self, what: str, fn: Callable[[Any], T]) -> T:
-        """Run `fn(client)`; retry connection failures / 503 / UNAVAILABLE until the deadline."""
+        """Run `fn(client)`; retry connection failures until the deadline and overload answers
+        `retries` times, with capped exponential backoff and jitter (`backoff`)."""
         start = time.monotonic()
         deadline = start + self.retry_deadline
-        delay = _BACKOFF_START_S
+        connect_retries = overload_retries = 0
+        if self.verbose:
+            headers = f", headers {shown_headers(self.headers)}" if self.headers else ""
+            self._log(f"{what}: {self.endpoint.url}, {self._what_model()}{headers}")
         while True:
+            sent = time.monotonic()
             try:
-                return fn(self._client())
+                result = fn(self._client())
             except Exception as exc:  # classified below, unknown ones re-raised
                 kind, detail = self._classify_exception(exc)
                 status = _status_of(exc)
+            else:
+                self._log(f"{what}: answered in {1e3 * (time.monotonic() - sent):.1f} ms")
+                return result
+            now = time.monotonic()
+            self._log(
+                f"{what}: {kind} ({status or 'no status'}) after {1e3 * (now - sent):.1f} ms: "
+                f"{strip_triton_prefix(detail)}"
+            )
             if kind == "server":
                 raise InferenceError(strip_triton_prefix(detail), status=status) from None
+            if kind == "denied":
+                raise AccessDeniedError(
+                    f"Triton at {self._where()} refused the {what} ({status}): "
+                    f"{strip_triton_prefix(detail)} (a missing or wrong header? see --header)"
+                ) from None
+            if kind == "tls":
+                raise ServerUnreachableError(
+                    f"TLS with {self._where()} failed: {detail} (see --root-certs, --client-cert)"
+                ) from None
             if kind == "timeout":
                 raise RequestTimeoutError(
                     f"Triton at {self._where()} did not answer ({what}) within the "
                     f"{self.timeout:g}s timeout"
                 ) from None
-            now = time.monotonic()
-            if now >= deadline:
-                waited = now - start
-                if kind == "connect":
+            waited = now - start
+            if kind == "overload":
+                if overload_retries >= self.retries:
+                    raise ServerOverloadedError(
+                        f"Triton at {self._where()} is overloaded ({what}): {status} "
+                        f"{strip_triton_prefix(detail)} (still after {self.retries} retries in "
+                        f"{waited:.1f}s; see --retries)"
+                    ) from None
+                pause = backoff(overload_retries)
+                overload_retries += 1
+                self._log(
+                    f"{what}: retry {overload_retries}/{self.retries} in {pause:.2f}s (overload)"
+                )
+            else:  # "connect"
+                if now >= deadline:
                     raise ServerUnreachableError(
                         f"cannot reach Triton at {self._where()}: {detail} "
                         f"(gave up after {waited:.1f}s; is the server running?)"
                     ) from None
-                raise ServerUnreachableError(
-                    f"Triton at {self._where()} is unavailable ({what}): "
-                    f"{strip_triton_prefix(detail)} (gave up after {waited:.1f}s)"
-                ) from None
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+                pause = min(backoff(connect_retries), deadline - now)
+                connect_retries += 1
+                self._log(f"{what}: retry in {pause:.2f}s (connection failed)")
+            time.sleep(pause)
 
     # ------------------------------------------------------------------------ health, metadata
+
+    def _health(self, client: Any, uri: str, public: Callable[[], bool]) -> bool:
+        """A health endpoint: True (200) or False (400: not live / not ready). HTTP: read through
+        tritonclient's `_get`, because its is_server_live / is_model_ready say False for any
+        status, which would turn a front's 503 (retry) or a restricted API's 403 (a header is
+        missing) into "not ready"; other statuses raise as every other call does. gRPC (and a
+        tritonclient without `_get`): the public method."""
+        get = getattr(client, "_get", None) if self.protocol == "http" else None
+        if get is None:
+            return public()
+        response = get(uri, self.headers or None, None)
+        if response.status_code == 200:
+            return True
+        if response.status_code == 400:
+            return False
+        from tritonclient.utils import InferenceServerException
+
+        body = response.read().decode("utf-8", "replace")
+        try:
+            message = str(json.loads(body)["error"])
+        except (ValueError, KeyError, TypeError):
+            message = f"{_DECODE_FAILURE}\nresponse: {body}"
+        raise InferenceServerException(msg=message, status=str(response.status_code))
 
     def check_ready(self) -> None:
         """Raise `ServerUnreachableError` / `ModelNotReadyError` unless the model can serve now."""
         kw = self._kwargs()
-        live = self._call("health check", lambda c: c.is_server_live(**kw))
+        live = self._call(
+            "health check",
+            lambda c: self._health(c, "v2/health/live", lambda: c.is_server_live(**kw)),
+        )
         if not live:
             raise ServerUnreachableError(f"Triton at {self._where()} is not live")
+        ready_uri = f"v2/models/{quote(self.model)}"
+        if self.model_version is not None:
+            ready_uri += f"/versions/{self.model_version}"
         try:
-            ready = self._call("model readiness", lambda c: c.is_model_ready(self.model, **kw))
+            ready = self._call(
+                "model readiness",
+                lambda c: self._health(
+                    c,
+                    ready_uri + "/ready",
+                    lambda: c.is_model_ready(self.model, self._version, **kw),
+                ),
+            )
         except InferenceError as exc:
             raise ModelNotReadyError(
-                f"model {self.model} is not ready on {self._where()}: {exc}"
+                f"{self._what_model()} is not ready on {self._where()}: {exc}"
             ) from None
         if not ready:
+            unknown_version = (
+                f", or the server has no version {self.model_version} of it (--model-version)"
+                if self.model_version is not None
+                else ""
+            )
             raise ModelNotReadyError(
-                f"model {self.model} is not ready on {self._where()} (not loaded, still loading "
-                "or failed to load: see the server log or /v2/repository/index)"
+                f"{self._what_model()} is not ready on {self._where()} (not loaded, still loading "
+                f"or failed to load: see the server log or /v2/repository/index{unknown_version})"
             )
 
     def wait_ready(self, timeout: float = 60.0, poll: float = 0.5) -> None:
@@ -498,10 +857,14 @@ class CrisisClient:
             kw = self._kwargs()
             if self.protocol == "grpc":
                 meta = self._call(
-                    "model metadata", lambda c: c.get_model_metadata(self.model, as_json=True, **kw)
+                    "model metadata",
+                    lambda c: c.get_model_metadata(self.model, self._version, as_json=True, **kw),
                 )
             else:
-                meta = self._call("model metadata", lambda c: c.get_model_metadata(self.model))
+                meta = self._call(
+                    "model metadata",
+                    lambda c: c.get_model_metadata(self.model, self._version, **kw),
+                )
             self._info = model_info_from_metadata(meta, self.model)
         return self._info
 
@@ -510,10 +873,13 @@ class CrisisClient:
         kw = self._kwargs()
         if self.protocol == "grpc":
             config = self._call(
-                "model config", lambda c: c.get_model_config(self.model, as_json=True, **kw)
+                "model config",
+                lambda c: c.get_model_config(self.model, self._version, as_json=True, **kw),
             ).get("config", {})
         else:
-            config = self._call("model config", lambda c: c.get_model_config(self.model))
+            config = self._call(
+                "model config", lambda c: c.get_model_config(self.model, self._version, **kw)
+            )
         return config.get("parameters", {}).get(WEIGHTS_PARAMETER, {}).get("string_value", "")
 
     def tasks(self) -> tuple[str, ...]:
@@ -540,15 +906,17 @@ class CrisisClient:
 
     def classify(
         self,
-        image_bytes: bytes,
+        image_bytes: bytes | None,
         text: str,
         caption: str | None = None,
         tasks: Sequence[str] | None = None,
         top_k: int | None = None,
     ) -> dict[str, Prediction]:
-        """Classify one post; returns {task: Prediction} for the requested (default: all) tasks."""
-        if not isinstance(image_bytes, bytes | bytearray | memoryview):
-            raise TypeError(f"image_bytes must be bytes, got {type(image_bytes).__name__}")
+        """Classify one post; returns {task: Prediction} for the requested (default: all) tasks.
+        `image_bytes` None: a text-only post, answered only by a served head that can (else an
+        InferenceError whose message says why: docs/text-only.md)."""
+        if image_bytes is not None and not isinstance(image_bytes, bytes | bytearray | memoryview):
+            raise TypeError(f"image_bytes must be bytes or None, got {type(image_bytes).__name__}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         info = self.model_info()
@@ -558,7 +926,9 @@ class CrisisClient:
                 f"model {self.model} on {self._where()} has no {CAPTION_INPUT!r} input"
             )
         mod = self._module()
-        tensors = [(IMAGE_INPUT, bytes(image_bytes)), (TEXT_INPUT, text.encode("utf-8"))]
+        tensors = [(TEXT_INPUT, text.encode("utf-8"))]
+        if image_bytes is not None:
+            tensors.insert(0, (IMAGE_INPUT, bytes(image_bytes)))
         if caption:
             tensors.append((CAPTION_INPUT, caption.encode("utf-8")))
         inputs = [bytes_input(mod, name, value) for name, value in tensors]
@@ -566,18 +936,33 @@ class CrisisClient:
             mod.InferRequestedOutput(probs_name(t), class_count=info.num_classes[t])
             for t in selected
         ]
+        # What older servers lack is not asked for: the modalities used, the modality weights.
+        extra = [MODALITIES_USED] * (MODALITIES_USED in info.outputs) + [
+            modality_weights_name(t) for t in selected if modality_weights_name(t) in info.outputs
+        ]
+        outputs += [mod.InferRequestedOutput(name) for name in extra]
         kw = self._kwargs()
         result = self._call(
             "inference",
-            lambda c: c.infer(self.model, inputs, outputs=outputs, **kw),
+            lambda c: c.infer(
+                self.model, inputs, model_version=self._version, outputs=outputs, **kw
+            ),
         )
+        modal = {name: _modality_values(result, name) for name in extra}
+        used = modal.get(MODALITIES_USED)
         predictions: dict[str, Prediction] = {}
         for task in selected:
             arr = result.as_numpy(probs_name(task))
             if arr is None:
                 raise ClientError(f"Triton's answer has no output {probs_name(task)}")
-            predictions[task] = prediction_from_classification(
+            prediction = prediction_from_classification(
                 task, np.asarray(arr).reshape(-1).tolist(), info.num_classes[task], top_k
+            )
+            weights = modal.get(modality_weights_name(task))
+            predictions[task] = dataclasses.replace(
+                prediction,
+                modalities_used=None if used is None else tuple(m for m, u in used.items() if u),
+                modality_weights=weights,
             )
         return predictions
 
@@ -600,7 +985,12 @@ class CrisisClient:
         def one(post: Post) -> dict[str, Prediction] | ClientError:
             try:
                 return self.classify(post.image, post.text, post.caption, selected, top_k)
-            except (ServerUnreachableError, ModelNotReadyError, TaskNotServedError):
+            except (
+                ServerUnreachableError,
+                ModelNotReadyError,
+                TaskNotServedError,
+                AccessDeniedError,
+            ):
                 raise
             except ClientError as exc:
                 return exc
@@ -625,6 +1015,15 @@ class CrisisClient:
         else:
             import tritonclient.http as mod
         return mod
+
+
+def _modality_values(result: Any, name: str) -> dict[str, float]:
+    """An [image, text] output of one post (export.names.MODALITIES order) as {modality: value}."""
+    arr = result.as_numpy(name)
+    values = [] if arr is None else np.asarray(arr, dtype=np.float64).reshape(-1).tolist()
+    if len(values) != len(MODALITIES):
+        raise ClientError(f"Triton's answer has no output {name} of {len(MODALITIES)} values")
+    return {m: round(float(v), 6) for m, v in zip(MODALITIES, values)}
 
 
 def _status_of(exc: BaseException) -> str | None:

@@ -24,6 +24,7 @@ import pytest
 
 from client import classify as cli
 from client.triton_client import (
+    DEFAULT_RETRIES,
     ClientError,
     CrisisClient,
     InferenceError,
@@ -125,7 +126,9 @@ def test_help_explains_every_option_and_exit_codes() -> None:
 def test_parser_defaults() -> None:
     args = cli.build_parser().parse_args(["img.jpg", "some text"])
     assert (args.image, args.text) == ("img.jpg", "some text")
-    assert args.protocol == "http" and args.url is None
+    assert args.protocol is None and args.url is None  # http unless --url's scheme says
+    assert args.header is None and args.model_version is None and not args.verbose
+    assert args.retries == DEFAULT_RETRIES
     assert args.task is None and args.top_k is None and not args.json
     assert args.batch is None and args.concurrency == cli.DEFAULT_CONCURRENCY
 
@@ -158,7 +161,7 @@ def test_task_option_repeatable_and_comma_list(
         ["--batch", "posts.csv"],  # --results missing
         ["img.jpg", "t", "--batch", "posts.csv", "--results", "o.jsonl"],
         ["--batch", "posts.csv", "--results", "o.jsonl", "--json"],
-        ["img.jpg", "t", "--url", "https://triton:8000"],
+        ["img.jpg", "t", "--url", "ftp://triton:8000"],
     ],
 )
 def test_usage_errors_exit_2_with_one_line(
