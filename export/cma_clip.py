@@ -131,6 +131,17 @@ class CMAClipHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_tokens [B,Ni,Di], text_tokens [B,Nt,Dt], text_mask [B,Nt] float 0/1,
         image_present [B,1] float 0/1 -> (probs [B,C], modality_weights [B,2] = [image, text])."""
+        logits, weights = self.logits(image_tokens, text_tokens, text_mask, image_present)
+        return torch.softmax(logits, dim=-1), weights
+
+    def logits(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_present: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As forward, with the classifier's logits instead of probabilities (training)."""
         n_img = image_tokens.shape[1]
         image_mask = image_present.expand(-1, n_img)  # [B, Ni]
         x_img = self.image_proj(image_tokens) + self.modality_embedding[0]
@@ -148,8 +159,7 @@ class CMAClipHead(nn.Module):
         absent = torch.cat((1.0 - image_present, torch.zeros_like(image_present)), dim=1)
         weights = torch.softmax(scores + absent * MASK_NEGATIVE, dim=-1)
         fused = torch.sum(weights.unsqueeze(-1) * m, dim=1)
-        probs = torch.softmax(self.classifier(fused), dim=-1)
-        return probs, weights
+        return self.classifier(fused), weights
 
 
 class MultiTaskCMAClip(nn.Module):

@@ -163,6 +163,19 @@ class Encoders:
         return self.token_encoders()[1](input_ids)
 
 
+def weights_sha256(*modules: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the modules' state (in order): equal
+    encoders give equal digests, so a head trained on cached features can be matched to them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for i, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
 def parse_encoders(arg: str) -> tuple[str, str, str | None]:
     """'hf:NAME_OR_DIR' | 'openclip:MODEL:TAG_OR_FILE' -> (family, ref, tag)."""
     family, _, rest = arg.partition(":")

@@ -26,12 +26,16 @@ COMMANDS = {
     "crisis-benchmark": ("benchmarks.benchmark:main", "benchmarks/benchmark.py"),
     "crisis-load": ("benchmarks.load:main", "benchmarks/load.py"),
     "crisis-build-engines": ("export.build_engines:main", "export/build_engines.py"),
+    "crisis-cache-features": ("train.cache_features:main", "train/cache_features.py"),
+    "crisis-train-head": ("train.train_head:main", "train/train_head.py"),
 }
 OLD_FORMS = [old for _, old in COMMANDS.values()] + [
     "scripts/container_check.py",
     "scripts/gpu_check.py",
 ]
-SOURCE_DIRS = ("export", "client", "deploy", "benchmarks", "scripts", "tests", "model_repository")
+SOURCE_DIRS = (
+    "export", "client", "deploy", "benchmarks", "train", "scripts", "tests", "model_repository",
+)  # fmt: skip
 
 
 def user_env() -> dict[str, str]:
