@@ -14,6 +14,7 @@ Examples:
   python benchmarks/benchmark.py --url localhost:8000 --grpc-url localhost:8001
   python benchmarks/benchmark.py --sweep --p99-budget-ms 1500 --apply model_repository
   python benchmarks/benchmark.py --paths triton --request-rate 2,4,8 --p99-budget-ms 1500
+  python benchmarks/benchmark.py --cache-repeat 0,0.3,0.6 --out benchmarks/results/cache
 
 Writes to --out: results.json (a list of rows), results.csv (the same rows), summary.json (targets,
 machine), results.md, and latency_throughput.png; with --sweep: sweep.json and sweep.md.
@@ -47,6 +48,7 @@ if _missing := missing_extra(
     sys.exit(_missing)
 
 from benchmarks import (
+    cache_stream,
     inprocess,
     loadgen,
     machine,
@@ -86,6 +88,17 @@ QUICK = {
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _shares(text: str) -> list[float]:
+    """Comma-separated distinct shares in [0, 1): 0,0.3,0.6."""
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or len(set(out)) != len(out) or any(not 0.0 <= x < 1.0 for x in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of distinct shares in [0, 1)")
+    return out
 
 
 def _precisions(text: str) -> list[str]:
@@ -257,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=openloop.DEFAULT_LATE_MS,
         help="a request sent more than this after its scheduled time counts as late "
         "(default: %(default)s)",
+    )
+    c = p.add_argument_group("response cache (benchmarks/cache_stream.py, docs/cache.md)")
+    c.add_argument(
+        "--cache-repeat",
+        type=_shares,
+        default=None,
+        metavar="S1,S2",
+        help="only measure Triton's response cache: streams where these shares of the photos "
+        "repeat (texts always new), each sent to the embedded server without and with the "
+        "cache (repository exported with --response-cache); hits from Triton's metrics",
+    )
+    c.add_argument(
+        "--cache-concurrency",
+        type=int,
+        default=8,
+        help="closed-loop concurrency of the cache streams (default %(default)s)",
     )
     s = p.add_argument_group("sweep")
     s.add_argument(
@@ -808,6 +837,62 @@ class Run:
             )
         return 0 if chosen is not None else 1
 
+    def cache_streams(self) -> int:
+        """--cache-repeat: the cache streams on a clone of the repository with the response
+        cache enabled in its configs (write_configs), measured without and with the cache."""
+        args = self.args
+        if args.url:
+            raise SystemExit("benchmark.py: --cache-repeat starts its own servers; drop --url")
+        if args.sweep:
+            raise SystemExit("benchmark.py: --cache-repeat and --sweep are separate runs")
+        concurrency = args.cache_concurrency
+        if concurrency < 1:
+            raise SystemExit("benchmark.py: --cache-concurrency must be >= 1")
+        repo, choice = self.repository()
+        cached = repos.clone(repo, self.out / "work" / "response_cache")
+        repos.apply_deployment(cached, response_cache=True)
+        self.notes.append(
+            f"{repo} cloned and its configs rewritten with response_cache (write_configs): "
+            "the repository `export.py --response-cache` writes"
+        )
+        # At least 10 requests per worker: the first `concurrency` of a stream cannot repeat.
+        requests = max(_count(self.args, self.cfg, concurrency), 10 * concurrency)
+        self.wait_quiet()
+        settings = len(cache_stream.SETTINGS)
+        progress = Progress(settings * len(args.cache_repeat) * requests, not args.no_progress)
+        started = time.perf_counter()
+        try:
+            rows = cache_stream.run(
+                cached,
+                self.logs,
+                args.cache_repeat,
+                requests,
+                concurrency,
+                args.sweep_protocol,
+                args.seed,
+                progress.tick,
+                progress.phase,
+            )
+        finally:
+            progress.close()
+        self.server_version = next((r.get("server_version") for r in rows), None)
+        meta = {
+            **self.meta(choice),
+            "requests": requests,
+            "concurrency": concurrency,
+            "protocol": args.sweep_protocol,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        for r in rows:
+            r["machine"] = meta["machine"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (self.out / "summary.json").write_text(json.dumps(meta, indent=1) + "\n")
+        text = cache_stream.markdown(rows, meta)
+        (self.out / "results.md").write_text(text)
+        print(text)
+        return 1 if any(r["errors"] for r in rows) else 0
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -815,6 +900,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # freed) on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run = Run(args)
+    if args.cache_repeat is not None:
+        return run.cache_streams()
     return run.sweep() if args.sweep else run.run()
 
 

@@ -288,17 +288,18 @@ def closed_loop(
 # ------------------------------------------------------------------------------------ servers
 
 
-def start(repo: Path, log_file: Path, timeout: float = 900.0) -> Any:
-    """The embedded tritonserver (nvidia-pytriton) on `repo`, on free ports, started and ready."""
+def start(repo: Path, log_file: Path, timeout: float = 900.0, **options: Any) -> Any:
+    """The embedded tritonserver (nvidia-pytriton) on `repo`, on free ports, started and ready;
+    `options`: more EmbeddedServer arguments (cache_mb)."""
     from deploy.server import EmbeddedServer, free_port
 
     ports = {name: free_port() for name in ("http_port", "grpc_port", "metrics_port")}
-    return EmbeddedServer(repo, log_file=log_file, timeout=timeout, **ports).start()
+    return EmbeddedServer(repo, log_file=log_file, timeout=timeout, **ports, **options).start()
 
 
 @contextlib.contextmanager
-def embedded(repo: Path, log_file: Path, timeout: float = 900.0) -> Iterator[Any]:
-    server = start(repo, log_file, timeout)
+def embedded(repo: Path, log_file: Path, timeout: float = 900.0, **options: Any) -> Iterator[Any]:
+    server = start(repo, log_file, timeout, **options)
     try:
         yield server
     finally:

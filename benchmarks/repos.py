@@ -99,7 +99,9 @@ class ModelChoice:
         ] + (
             [] if self.precision == "fp32"
             else ["--precision", self.precision, "--min-agreement", str(self.min_agreement)]
-        ) + (["--runtime", self.runtime] if self.runtime else [])  # fmt: skip
+        ) + (["--runtime", self.runtime] if self.runtime else []) + (
+            ["--response-cache"] if dep.response_cache else []
+        )  # fmt: skip
 
     def describe(self) -> str:
         arch = "ViT-B/32" if self.size == "base" else "tiny CLIP"
@@ -226,6 +228,7 @@ def _deployment_from_configs(repo: Path, configs: dict) -> Deployment:
         intra_op_spinning=params.get("intra_op_spinning", "0") == "1",
         ort_accelerator=accel[0].name if accel else "",
         ort_options=ort_options_of(accel[0].name, dict(accel[0].parameters)) if accel else {},
+        response_cache=image.response_cache.enable,
     )
     return dep
 

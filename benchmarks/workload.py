@@ -63,3 +63,32 @@ def describe(posts: list[Post]) -> dict[str, float | int]:
         "image_kib_mean": round(float(np.mean(sizes)) / 1024, 1),
         "text_chars_mean": round(float(np.mean([len(p.text) for p in posts])), 1),
     }
+
+
+def make_stream(count: int, repeat: float, seed: int, gap: int = 1) -> list[Post]:
+    """`count` posts, every text new, a share `repeat` of them carrying a photo of an earlier post
+    (docs/cache.md: the same photo shared with other words). A repeat reuses a photo at least
+    `gap` posts back: in a closed loop at concurrency `gap` that post has been answered (and
+    cached) when the repeat is sent. Deterministic for a given seed."""
+    if not 0.0 <= repeat < 1.0:
+        raise ValueError(f"repeat is a share of the posts in [0, 1), not {repeat}")
+    if count < 1 or gap < 1:
+        raise ValueError("count and gap must be >= 1")
+    rng = np.random.default_rng(seed)
+    wanted = round(repeat * count)
+    if wanted > count - gap:
+        raise ValueError(
+            f"{count} posts with a gap of {gap} hold at most {count - gap} repeats, not {wanted}"
+        )
+    repeats = set(rng.choice(np.arange(gap, count), size=wanted, replace=False).tolist())
+    posts: list[Post] = []
+    new_photos = 0
+    for i in range(count):
+        text = f"{_text(rng, i)} #{seed}x{i}"  # never twice the same text
+        if i in repeats:
+            image = posts[int(rng.integers(0, i - gap + 1))].image
+        else:
+            image = _image(rng, *SIZES[new_photos % len(SIZES)])
+            new_photos += 1
+        posts.append(Post(image, text))
+    return posts

@@ -25,6 +25,7 @@ if importlib.util.find_spec("deploy") is None:  # `python deploy/serve.py`, proj
     )
 
 from deploy.server import (
+    DEFAULT_CACHE_MB,
     DEFAULT_MODEL,
     GRPC_PORT,
     HTTP_PORT,
@@ -49,6 +50,16 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Shutdown(signum)
+
+
+def _mebibytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size in MiB (an integer >= 0), not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="poll the repository every S seconds: a version added with export.py "
         "--model-version goes live with no restart and no failed request (clients still cannot "
         "load or unload models). Default: no polling (model control mode none)",
+    )
+    parser.add_argument(
+        "--cache-mb",
+        type=_mebibytes,
+        default=None,
+        metavar="N",
+        help="size in MiB of Triton's local response cache (docs/cache.md); 0: none. Default: "
+        f"{DEFAULT_CACHE_MB} when the repository's configs enable response_cache (export.py "
+        "--response-cache), else none",
     )
     parser.add_argument(
         "--echo-log",
@@ -117,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=args.timeout,
         echo_log=args.echo_log,
         poll_seconds=args.poll_seconds,
+        cache_mb=args.cache_mb,
     )
     if (warning := shm_warning()) is not None:
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
@@ -128,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ServerStartError, TritonNotFoundError, RepositoryError, OSError) as exc:
             _error(exc.summary() if isinstance(exc, ServerStartError) else str(exc))
             return 1
+        if server.cache_warning is not None:
+            print(f"{PROG}: warning: {server.cache_warning}", file=sys.stderr, flush=True)
         print(
             f"{args.model} ready on http://{server.url_http} grpc {server.url_grpc} "
             f"metrics http://{server.url_metrics}/metrics "

@@ -57,6 +57,7 @@ from deploy.tritonserver_install import STUB_NAME as STUB_NAME
 from deploy.tritonserver_install import (
     PathLike,
     TritonNotFoundError,
+    find_cache_dir,
     find_tritonserver,
     prepare_backend_dir,
     stub_environment,
@@ -116,6 +117,36 @@ def policy_args(poll_seconds: float | None = None) -> list[str]:
         args[args.index("--model-control-mode") + 1] = "poll"
         args += ["--repository-poll-secs", str(int(poll_seconds))]
     return args
+
+
+# Triton's local response cache (docs/cache.md): started with this size when a model of the
+# repository enables `response_cache` (export.py --response-cache) and no size is given. Entries are
+# small (a feature vector: 3 KB at ViT-B/32), so 64 MiB holds the features of some 10 000 posts.
+DEFAULT_CACHE_MB = 64
+CACHE_IMPLEMENTATION = "local"  # the one the nvidia-pytriton wheel ships
+# Flags by which a caller (EmbeddedServer extra_args, serve.py `-- FLAGS`) configures a cache itself
+# (another size, redis): then the launcher adds none of its own.
+CACHE_FLAGS = ("--cache-config", "--response-cache-byte-size")
+
+
+def response_cache_models(repository: PathLike) -> list[str]:
+    """The models of ``repository`` whose config.pbtxt enables Triton's response cache (sorted).
+    Read from the configs, what Triton acts on (the container has no export package to read
+    deployment.json with); unreadable configs count as none (check_repository reports them)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    names = []
+    for config_path in sorted(Path(repository).glob("*/config.pbtxt")):
+        try:
+            config = text_format.Parse(
+                config_path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig()
+            )
+        except (OSError, text_format.ParseError, UnicodeDecodeError):
+            continue
+        if config.response_cache.enable:
+            names.append(config_path.parent.name)
+    return names
 
 
 SHM_DIR = Path("/dev/shm")
@@ -188,6 +219,10 @@ class EmbeddedServer:
         poll_seconds: poll the repository every S seconds (``--model-control-mode poll``): a
             version added by ``export.py --model-version`` goes live without a restart. Clients
             still cannot load or unload models (Triton refuses those calls in poll mode).
+        cache_mb: size of Triton's local response cache in MiB (docs/cache.md). None: the
+            repository decides (DEFAULT_CACHE_MB when a model's config enables
+            ``response_cache``, else no cache); 0: no cache (``cache_warning`` says so when the
+            repository asks for one). A cache flag in ``extra_args`` (CACHE_FLAGS) wins over both.
     """
 
     def __init__(
@@ -207,7 +242,12 @@ class EmbeddedServer:
         env: Mapping[str, str] | None = None,
         echo_log: bool = False,
         poll_seconds: float | None = None,
+        cache_mb: int | None = None,
     ) -> None:
+        if cache_mb is not None and cache_mb < 0:
+            raise ValueError("cache_mb: a size in MiB, >= 0 (0: no response cache)")
+        self.cache_mb = cache_mb
+        self.cache_warning: str | None = None  # set by start(): the cache asked for and not run
         self.repository = Path(repository).resolve()
         if poll_seconds is not None and poll_seconds < 1:
             raise ValueError("poll_seconds: Triton polls in whole seconds, at least 1")
@@ -297,7 +337,40 @@ class EmbeddedServer:
             command += ["--metrics-address", self.address]
         if "--allow-gpu-metrics" in flags:  # no NVML/DCGM noise on machines without a GPU
             command += ["--allow-gpu-metrics", "false"]
-        return command + self.extra_args
+        return command + self.cache_args() + self.extra_args
+
+    def cache_args(self) -> list[str]:
+        """The response-cache flags (docs/cache.md); sets ``cache_warning`` where the repository
+        asks for a cache the server will not run, or a cache is run that no model uses."""
+        self.cache_warning = None
+        if any(a.split("=", 1)[0] in CACHE_FLAGS for a in self.extra_args):
+            return []  # the caller's own cache configuration
+        wanted = response_cache_models(self.repository)
+        size_mb = self.cache_mb if self.cache_mb is not None else DEFAULT_CACHE_MB * bool(wanted)
+        if size_mb == 0:
+            if wanted:
+                self.cache_warning = (
+                    f"the repository enables the response cache on {', '.join(wanted)} but the "
+                    "server runs without one (cache size 0): every request is computed; give "
+                    "the cache a size (serve.py --cache-mb N) or export with --no-response-cache"
+                )
+            return []
+        try:
+            cache_dir = find_cache_dir(CACHE_IMPLEMENTATION)
+        except TritonNotFoundError as exc:
+            if self.cache_mb is not None:  # asked for by the caller: an error
+                raise
+            self.cache_warning = f"serving without a response cache: {exc}"
+            return []
+        if not wanted:
+            self.cache_warning = (
+                f"a {size_mb} MiB response cache is started but no model of the repository "
+                "enables response_cache, so it stays empty (export with --response-cache)"
+            )
+        return [
+            "--cache-config", f"{CACHE_IMPLEMENTATION},size={size_mb * 2**20}",
+            "--cache-directory", str(cache_dir),
+        ]  # fmt: skip
 
     def start(self, timeout: float | None = None) -> EmbeddedServer:
         """Launch tritonserver and wait until the server and ``model`` are ready.

@@ -63,6 +63,21 @@ def find_tritonserver() -> Path:
     return binary
 
 
+def find_cache_dir(cache: str = "local") -> Path:
+    """The wheel's ``--cache-directory``: the folder of ``<cache>/libtritoncache_<cache>.so``
+    (Triton's default, /opt/tritonserver/caches, exists only in NVIDIA's containers). The
+    nvidia-pytriton wheel ships the ``local`` cache only."""
+    caches = _pytriton_dir() / "tritonserver" / "caches"
+    library = caches / cache / f"libtritoncache_{cache}.so"
+    if not library.is_file():
+        shipped = sorted(p.name for p in caches.glob("*") if p.is_dir()) if caches.is_dir() else []
+        raise TritonNotFoundError(
+            f"{library} is missing: the installed nvidia-pytriton has no '{cache}' response cache "
+            f"(it has: {', '.join(shipped) or 'none'}); reinstall it: {_INSTALL_HINT}"
+        )
+    return caches
+
+
 @functools.lru_cache(maxsize=4)
 def supported_flags(binary: Path) -> frozenset[str]:
     """The ``--flags`` that ``tritonserver --help`` lists (empty if --help fails)."""

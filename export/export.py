@@ -268,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="instances per encoder/head model (default %(default)s)",
     )
     out.add_argument("--preprocess-instances", type=int, default=2, help="default: %(default)s")
+    out.add_argument(
+        "--response-cache",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="enable Triton's response cache on the encoders, the head and the ensemble "
+        "(deployment.json response_cache; crisis-serve then starts a local cache): a photo seen "
+        "before skips the image encoder, even with another text (docs/cache.md). "
+        "Default: off",
+    )
     lim = p.add_argument_group(
         "request limits (written to preprocess/1/preprocess.json; editable there before serving)"
     )
@@ -416,6 +425,7 @@ def _deployment(args: argparse.Namespace, precision: str) -> Deployment:
         ort_options=_key_values(args.ort_option or [], "--ort-option"),
         precision=precision,
         model_version=args.model_version or 1,
+        response_cache=args.response_cache,
     )
 
 

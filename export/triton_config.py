@@ -121,6 +121,10 @@ class Deployment:
     # "openvino" with int8 serves NNCF-quantized OpenVINO models (model.xml) instead of ONNX
     # Runtime's quantized ONNX graphs.
     runtime: str = ""
+    # Triton's response cache (docs/cache.md) on the encoders, the head and the ensemble: a photo
+    # seen before skips the image encoder even with another text. Served only where the server
+    # runs a cache (deploy/serve.py --cache-mb; a stock Triton: --cache-config local,size=N).
+    response_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -342,14 +346,29 @@ def ensemble_config(
     )
 
 
+def cached_models(specs: ModelSpecs, dep: Deployment) -> tuple[str, ...]:
+    """The models whose config enables Triton's response cache (docs/cache.md): the compute
+    graphs (encoders, head: pure functions of their input tensors) and the ensemble (an exact
+    repeat of a post is answered before any step runs). Not the preprocess model: it is a pure
+    function too, but its inputs are the ensemble's own (image, text, caption), so whatever it
+    could hit the ensemble's cache has already answered, and each entry would hold a whole
+    pixel_values tensor (600 KB at 224 px) pushing out the features worth keeping."""
+    if not dep.response_cache:
+        return ()
+    return (*(g.name for g in specs.onnx_graphs), specs.ensemble.name)
+
+
 def all_configs(
     specs: ModelSpecs, dep: Deployment, weights: str | None = None
 ) -> dict[str, model_config_pb2.ModelConfig]:
-    return {
+    configs = {
         specs.preprocess.name: preprocess_config(specs.preprocess, dep),
         **{g.name: compute_config(g, dep) for g in specs.onnx_graphs},
         specs.ensemble.name: ensemble_config(specs, dep, weights),
     }
+    for name in cached_models(specs, dep):
+        configs[name].response_cache.enable = True
+    return configs
 
 
 def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:
