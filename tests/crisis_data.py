@@ -158,3 +158,42 @@ def make_dataset(
         tsv[split] = path
         start = end
     return Dataset(folder, tsv, task)
+
+
+# The encoders of tests/conftest.py TINY_EXPORT_ARGS (export.py's options, cache_features.py's too).
+TINY_ENCODER_ARGS = ("--random-weights", "--size", "tiny", "--seed", "3")
+
+
+def cache_dataset(data: Dataset, out: Path, *extra: str) -> Path:
+    """cache_features.py over `data` with the tiny random encoders; -> the cache folder."""
+    from train.cache_features import main
+
+    code = main([*data.split_args(), "--image-root", str(data.image_root), "--out", str(out),
+                 *TINY_ENCODER_ARGS, *extra])  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"cache_features.py exited with {code}")
+    return Path(out)
+
+
+def trained_head(
+    folder: Path,
+    head: str = "guided_ca_diff",
+    task: str = "task1",
+    n: int = 150,
+    extra: tuple[str, ...] = (),
+) -> Path:
+    """A head file trained on a fresh data set (tiny random encoders, a few seconds for the
+    paper's heads): export it with TINY_ENCODER_ARGS + ``--head HEAD --head-weights TASK=FILE``.
+    `extra`: more train_head.py options (e.g. "--modality-dropout", "0.3")."""
+    from train.train_head import main
+
+    folder = Path(folder)
+    data = make_dataset(folder / "data", task, n)
+    cache = cache_dataset(data, folder / "cache")
+    out = folder / f"{task}_{head}.pt"
+    sizes = ("--cma-dim", "64", "--cma-layers", "1") if head == "cma_clip" else ()
+    code = main(["--features", str(cache), "--task", task, "--head", head, "--out", str(out),
+                 "--epochs", "4", "--patience", "2", *sizes, *extra])  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"train_head.py exited with {code}")
+    return out

@@ -61,7 +61,14 @@ if TYPE_CHECKING:
     from export.preprocess import PreprocessSpec
     from export.weights import WeightsSource
 
-# export.py's options that choose the encoders; shared by train_head.py's help text.
+RANDOM_CACHE_BANNER = (
+    "!" * 78 + "\n"
+    "!! RANDOM ENCODER WEIGHTS: this cache is for tests and demos. Heads trained on it serve\n"
+    "!! only beside the same random encoders (export.py --random-weights, same --size/--seed).\n"
+    + "!"
+    * 78
+)
+# export.py's options that choose the encoders.
 ENCODER_OPTIONS = ("encoders", "random_weights", "size", "seed", "checkpoint")
 
 
@@ -201,7 +208,8 @@ def _shrink(path: Path, rows: int) -> None:
     tmp = path.with_suffix(".tmp.npy")
     small = _open(tmp, (rows, *full.shape[1:]))
     for start in range(0, rows, 1024):
-        small[start : start + 1024] = full[start : start + 1024]
+        end = min(start + 1024, rows)
+        small[start:end] = full[start:end]
     small.flush()
     del small, full
     tmp.replace(path)
@@ -357,9 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cache_features.py: error: {exc}; or cache with --no-tokens", file=sys.stderr)
         return 2
     if enc.random_weights:
-        from export.export import RANDOM_BANNER
-
-        print(RANDOM_BANNER.replace("this export", "this cache"), file=sys.stderr)
+        print(RANDOM_CACHE_BANNER, file=sys.stderr)
     import torch
 
     spec = enc.config.preprocess_spec()
@@ -387,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "arrays": list(POOLED_ARRAYS + (TOKEN_ARRAYS if args.tokens else ())),
         "llava_text": args.llava_text,
         "preprocess": json.loads(spec.to_json()),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "splits": entries,
     }
     (args.out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -325,7 +325,7 @@ def head_metadata(
             "weight_decay": args.weight_decay,
             "seed": args.seed,
             "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         },
     }
 

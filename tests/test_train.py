@@ -1,0 +1,251 @@
+"""Training (train/): annotation files, the feature cache, each head type learning a
+CrisisMMD-shaped data set made in the test (tests/crisis_data.py), repeatability, and head files
+the export reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.checkpoint import load_head
+from export.cma_clip import CMAClipConfig, CMAClipHead
+from export.encoders import DEFAULT_ENCODERS, hf_encoders, weights_sha256
+from export.names import LABELS
+from export.preprocess import PreprocessSpec, TextPreprocessor, decode_image, image_to_pixels
+from tests.crisis_data import Dataset, cache_dataset, make_dataset
+from train.cache_features import main as cache_main
+from train.data import DataError, encode_labels, read_annotations
+from train.features import FeatureCache
+from train.train_head import classification_metrics
+from train.train_head import main as train_main
+
+FAST = ("--epochs", "6", "--patience", "2")
+CMA_SMALL = ("--cma-dim", "64", "--cma-layers", "1")
+
+
+def train(cache: Path, out: Path, task: str, head: str, *extra: str) -> dict:
+    sizes = CMA_SMALL if head == "cma_clip" else ()
+    argv = ["--features", str(cache), "--task", task, "--head", head, "--out", str(out)]
+    assert train_main([*argv, *FAST, *sizes, *extra]) == 0
+    return torch.load(out, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def task1(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
+    """300 posts of task1 in the research layout, cached with the tiny random encoders."""
+    folder = tmp_path_factory.mktemp("task1")
+    data = make_dataset(folder / "data", "task1", 300, seed=1)
+    return data, cache_dataset(data, folder / "cache")
+
+
+# ------------------------------------------------------------------------- annotation files
+
+
+def test_research_and_plain_layouts_read_by_header(tmp_path: Path) -> None:
+    research = make_dataset(tmp_path / "r", "task3", 12, layout="research")
+    plain = make_dataset(tmp_path / "p", "task3", 12, layout="crisismmd")
+    a = read_annotations(research.tsv["train"], llava_text=True)
+    b = read_annotations(plain.tsv["train"])
+    assert a.layout == "research" and len(a.columns) == 10
+    assert b.layout == "crisismmd" and len(b.columns) == 6
+    assert a.posts[0].caption.startswith(" The image shows")
+    spec = PreprocessSpec()
+    assert a.posts[0].text(spec) == a.posts[0].tweet + a.posts[0].caption  # no separator
+    with pytest.raises(DataError, match=r"LLaVA_text.*missing.*--llava-text needs the research"):
+        read_annotations(plain.tsv["train"], llava_text=True)
+    # columns are found by name: reordered columns read the same
+    lines = [ln.split("\t") for ln in plain.tsv["train"].read_text().splitlines()]
+    (tmp_path / "rev.tsv").write_text("\n".join("\t".join(r[::-1]) for r in lines) + "\n")
+    c = read_annotations(tmp_path / "rev.tsv")
+    assert [(p.image, p.label, p.tweet) for p in c.posts] == [
+        (p.image, p.label, p.tweet) for p in b.posts
+    ]
+
+
+def test_bad_annotation_files_name_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("tweet_id\ttweet_text\timage\tlabel\n1\ta\tx.jpg\tinformative\n2\tb\ty.jpg\n")
+    with pytest.raises(DataError, match=r"bad.tsv:3: 3 tab-separated fields, the header has 4"):
+        read_annotations(bad)
+    bad.write_text("tweet_id\ttext\timage\n1\ta\tx.jpg\n")
+    with pytest.raises(DataError, match=r"\['tweet_text', 'label'\] missing"):
+        read_annotations(bad)
+    with pytest.raises(DataError, match="no such file"):
+        read_annotations(tmp_path / "nope.tsv")
+
+
+def test_labels_per_task_with_task2_merging() -> None:
+    got = encode_labels(["injured_or_dead_people", "missing_or_found_people", "vehicle_damage"],
+                        "task2", "x")  # fmt: skip
+    assert got.tolist() == [5, 5, 4]
+    full = encode_labels(["injured_or_dead_people", "missing_or_found_people"], "task2_full", "x")
+    assert full.tolist() == [6, 7]
+    with pytest.raises(DataError, match=r"not task3 labels: \{'informative': 2\}"):
+        encode_labels(["informative", "informative", "mild_damage"], "task3", "cache")
+
+
+def test_metrics_are_scikit_learns() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 4, 200), rng.integers(0, 5, 200)  # a class only predicted: 4
+    ours = classification_metrics(y, p)
+    assert ours["accuracy"] == pytest.approx(metrics.accuracy_score(y, p))
+    assert ours["macro_f1"] == pytest.approx(metrics.f1_score(y, p, average="macro"))
+    assert ours["weighted_f1"] == pytest.approx(metrics.f1_score(y, p, average="weighted"))
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+def test_cache_holds_served_features_and_tokens(task1: tuple[Dataset, Path]) -> None:
+    data, folder = task1
+    cache = FeatureCache.open(folder)
+    m = cache.manifest
+    assert m["random_weights"] is True and "RANDOM" in m["encoders"]["id"]
+    enc = hf_encoders(DEFAULT_ENCODERS, True, "tiny", seed=3)
+    assert m["encoders"]["weights_sha256"] == weights_sha256(enc.image, enc.text)
+    assert m["preprocess"] == json.loads(enc.config.preprocess_spec().to_json())
+    test = cache.split("test", ("image_features", "text_features", "image_tokens", "text_tokens",
+                                "text_mask"))  # fmt: skip
+    a = test.arrays
+    n = len(test)
+    assert n == 60 and all(x.dtype == np.float16 and x.shape[0] == n for x in a.values())
+    assert a["image_tokens"].shape[1:] == (50, 64) and a["text_tokens"].shape[2] == 48
+    np.testing.assert_array_equal(a["image_tokens"][:, 0], a["image_features"])
+    eos = a["text_mask"].astype(np.int64).sum(1) - 1
+    np.testing.assert_array_equal(a["text_tokens"][np.arange(n), eos], a["text_features"])
+    # the served preprocessing: these are the encoders' answers on the pixels the server computes
+    ann = read_annotations(data.tsv["test"])
+    spec = enc.config.preprocess_spec()
+    post = ann.posts[0]
+    pixels = image_to_pixels(decode_image((data.image_root / post.image).read_bytes(), spec), spec)
+    ids = TextPreprocessor(spec)([post.text(spec)])
+    with torch.no_grad():
+        img = enc.image(torch.from_numpy(pixels[None])).numpy()
+        txt = enc.text(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(a["image_features"][0], img[0], atol=2e-3, rtol=1e-2)
+    np.testing.assert_allclose(a["text_features"][0], txt[0], atol=2e-3, rtol=1e-2)
+    # a changed array is noticed
+    path = folder / m["splits"]["dev"]["arrays"]["text_features"]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    copy = folder.parent / "changed"
+    copy.mkdir()
+    for f in folder.iterdir():
+        (copy / f.name).write_bytes(raw if f == path else f.read_bytes())
+    with pytest.raises(DataError, match="sha256 differs"):
+        FeatureCache.open(copy).split("dev", ("text_features",))
+
+
+def test_unreadable_image_stops_or_is_skipped(tmp_path: Path, capsys) -> None:
+    data = make_dataset(tmp_path / "d", "task1", 20)
+    broken = read_annotations(data.tsv["train"]).posts[2]
+    (data.image_root / broken.image).write_bytes(b"not an image at all")
+    with pytest.raises(RuntimeError):
+        cache_dataset(data, tmp_path / "c1", "--no-tokens")
+    err = capsys.readouterr().err
+    assert f"task1_train.tsv:{broken.line}: image {broken.image!r}" in err
+    assert "--skip-unreadable" in err
+    folder = cache_dataset(data, tmp_path / "c2", "--no-tokens", "--skip-unreadable")
+    entry = FeatureCache.open(folder).manifest["splits"]["train"]
+    assert entry["skipped_unreadable"] == 1 and entry["posts"]["count"] == entry["rows"] - 1
+    assert entry["arrays"]["image_features"]["shape"][0] == entry["rows"] - 1
+    assert "image_tokens" not in entry["arrays"]
+
+
+def test_bad_arguments_exit_2(tmp_path: Path, task1: tuple[Dataset, Path], capsys) -> None:
+    data, folder = task1
+    root = ["--image-root", str(data.image_root), "--random-weights", "--size", "tiny"]
+    assert cache_main(["--split", "train", *root, "--out", str(tmp_path / "x")]) == 2
+    assert "expected NAME=TSV" in capsys.readouterr().err
+    argv = ["--features", str(folder), "--head", "guided_ca", "--out", str(tmp_path / "h.pt")]
+    assert train_main([*argv, "--task", "task3"]) == 2  # task1's labels
+    assert "not task3 labels" in capsys.readouterr().err
+    assert train_main([*argv, "--task", "task1", "--modality-dropout", "1"]) == 2
+    assert train_main(["--features", str(tmp_path), "--task", "task1", "--head", "cma_clip",
+                       "--out", str(tmp_path / "h.pt")]) == 2  # fmt: skip
+    assert "not a feature cache" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ heads
+
+
+def _test_split(cache: Path, head: str) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    names = ("image_features", "text_features")
+    if head == "cma_clip":
+        names = ("image_tokens", "text_tokens", "text_mask")
+    split = FeatureCache.open(cache).split("test", names)
+    x = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in split.arrays.items()}
+    return x, np.asarray([LABELS["task1"].index(label) for label in split.labels])
+
+
+@pytest.mark.parametrize("head", ["guided_ca_diff", "guided_ca", "cma_clip"])
+def test_each_head_learns_and_its_file_loads_as_the_export_does(
+    head: str, task1: tuple[Dataset, Path], tmp_path: Path
+) -> None:
+    _, cache = task1
+    saved = train(cache, tmp_path / "head.pt", "task1", head)
+    meta = saved["crisis_head"]
+    test = meta["metrics"]["test"]
+    assert test["posts"] == 60 and test["accuracy"] >= 0.8 and test["macro_f1"] >= 0.8
+    assert meta["head"] == head and meta["task"] == "task1" and meta["random_weights"] is True
+    assert (
+        meta["encoders_sha256"] == FeatureCache.open(cache).manifest["encoders"]["weights_sha256"]
+    )
+    assert json.loads((tmp_path / "head.json").read_text())["metrics"]["test"] == test
+    x, y = _test_split(cache, head)
+    if head == "cma_clip":
+        model = CMAClipHead(CMAClipConfig(**meta["config"]))
+        model.load_state_dict(saved["state_dict"], strict=True)
+        model.eval()
+        with torch.no_grad():
+            probs, weights = model(x["image_tokens"], x["text_tokens"], x["text_mask"],
+                                   torch.ones(len(y), 1))  # fmt: skip
+        assert (weights[:, 0] > 0).all()
+    else:
+        # the export's own loader: research key names, strict
+        model = load_head(saved["state_dict"], "task1", 64, 48, head, "head.pt")
+        with torch.no_grad():
+            probs = torch.softmax(model(x["image_features"], x["text_features"]), dim=-1)
+    accuracy = float((probs.argmax(1).numpy() == y).mean())
+    assert accuracy == pytest.approx(test["accuracy"])  # the file is the head that was scored
+
+
+def test_same_seed_same_head_file_other_seed_not(task1: tuple[Dataset, Path], tmp_path) -> None:
+    _, cache = task1
+    args = ("--modality-dropout", "0.3", "--epochs", "3")
+    a = train(cache, tmp_path / "a.pt", "task1", "guided_ca_diff", *args)["state_dict"]
+    b = train(cache, tmp_path / "b.pt", "task1", "guided_ca_diff", *args)["state_dict"]
+    c = train(cache, tmp_path / "c.pt", "task1", "guided_ca_diff", *args, "--seed", "1")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c["state_dict"][k]) for k in a)
+    # modality dropout: the head was also scored on posts without their image
+    assert c["crisis_head"]["metrics"]["test_text_only"]["accuracy"] > 0.6
+    assert c["crisis_head"]["modality_dropout"] == 0.3
+
+
+def test_plain_state_dict_is_a_research_head(task1: tuple[Dataset, Path], tmp_path) -> None:
+    _, cache = task1
+    state = train(cache, tmp_path / "p.pt", "task1", "guided_ca", "--plain")
+    assert "crisis_head" not in state and "cls_layer.weight" in state
+    load_head(state, "task1", 64, 48, "guided_ca", "p.pt")
+
+
+@pytest.mark.parametrize("head", ["guided_ca_diff", "cma_clip"])
+def test_multiclass_task_from_plain_crisismmd_tsvs(
+    head: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """task3 (3 classes) from plain CrisisMMD v2.0 TSVs (6 columns)."""
+    folder = tmp_path_factory.getbasetemp() / "task3"
+    if not (folder / "cache").is_dir():
+        data = make_dataset(folder / "data", "task3", 240, seed=2, layout="crisismmd")
+        cache_dataset(data, folder / "cache")
+    cache = FeatureCache.open(folder / "cache")
+    assert cache.manifest["splits"]["train"]["layout"] == "crisismmd"
+    out = folder / f"{head}.pt"
+    test = train(folder / "cache", out, "task3", head)["crisis_head"]["metrics"]["test"]
+    assert test["accuracy"] >= 0.7 and test["macro_f1"] >= 0.7  # chance: 1/3
