@@ -619,6 +619,16 @@ class CrisisClient:
             self._log(f"connecting to {self.endpoint.url}{self._tls_note()}")
         return client
 
+    def _unreachable_hint(self, detail: str) -> str:
+        """What to check when connections keep failing."""
+        closed = any(w in detail.lower() for w in ("eof occurred", "socket closed"))
+        if self.endpoint.tls and self.client_cert is None and closed:
+            return (
+                "the server closed the TLS connection: does it require a client certificate? "
+                "see --client-cert, --client-key"
+            )
+        return "is the server running?"
+
     def _tls_note(self) -> str:
         if not self.endpoint.tls:
             return ""
@@ -663,7 +673,9 @@ class CrisisClient:
         if isinstance(exc, ssl.SSLError) and not isinstance(
             exc, ssl.SSLEOFError | ssl.SSLZeroReturnError
         ):
-            return "tls", getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                return "tls", f"certificate verify failed: {exc.verify_message}"
+            return "tls", str(exc.reason or exc)
         if isinstance(exc, TimeoutError):
             return "timeout", str(exc) or type(exc).__name__
         if isinstance(exc, OSError):
@@ -740,7 +752,7 @@ class CrisisClient:
                 if now >= deadline:
                     raise ServerUnreachableError(
                         f"cannot reach Triton at {self._where()}: {detail} "
-                        f"(gave up after {waited:.1f}s; is the server running?)"
+                        f"(gave up after {waited:.1f}s; {self._unreachable_hint(detail)})"
                     ) from None
                 pause = min(backoff(connect_retries), deadline - now)
                 connect_retries += 1
