@@ -493,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
             '  python client/classify.py photo.jpg "Bridge collapsed on Main St #flood"\n'
             '  python client/classify.py photo.jpg "Roads flooded" --task task1,task3 --top-k 2\n'
             '  python client/classify.py photo.jpg "Roads flooded" --json --protocol grpc\n'
+            '  python client/classify.py photo.jpg "Roads flooded" --url https://triton:8443 '
+            "--root-certs ca.pem -H x-request-id:r-42\n"
             "  python client/classify.py --batch posts.csv --results results.jsonl "
             "--concurrency 8\n\n"
             f"batch files: a header row {IMAGE_INPUT},{TEXT_INPUT}[,{CAPTION_INPUT}], then one "

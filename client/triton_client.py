@@ -55,7 +55,7 @@ PROTOCOLS: tuple[str, ...] = ("http", "grpc")
 DEFAULT_URLS: dict[str, str] = {"http": "localhost:8000", "grpc": "localhost:8001"}
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRY_DEADLINE_S = 5.0
-DEFAULT_RETRIES = 5  # overload answers: 5 retries wait 1.6 to 3.1 s in all (backoff())
+DEFAULT_RETRIES = 5  # overload answers: 5 retries wait 1.55 to 3.1 s in all (backoff())
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 2.0
 # URL schemes -> (protocol, TLS); a bare host:port takes the protocol argument (default http).
