@@ -1,6 +1,8 @@
 """Client of the crisis-post classifier served by Triton (library: `client.triton_client`)."""
 
 from client.triton_client import (
+    AccessDeniedError,
+    CertificateError,
     ClassScore,
     ClientError,
     CrisisClient,
@@ -10,12 +12,15 @@ from client.triton_client import (
     Post,
     Prediction,
     RequestTimeoutError,
+    ServerOverloadedError,
     ServerUnreachableError,
     TaskNotServedError,
     parse_classification,
 )
 
 __all__ = [
+    "AccessDeniedError",
+    "CertificateError",
     "ClassScore",
     "ClientError",
     "CrisisClient",
@@ -25,6 +30,7 @@ __all__ = [
     "Post",
     "Prediction",
     "RequestTimeoutError",
+    "ServerOverloadedError",
     "ServerUnreachableError",
     "TaskNotServedError",
     "parse_classification",

@@ -658,6 +658,10 @@ class CrisisClient:
                 return "denied", msg
             if status in DENIED_STATUSES:
                 return "denied", msg
+            if status == "502":  # a front (nginx) that cannot reach Triton: as a failed connection
+                return "connect", msg
+            if status == "504":  # a front that gave up waiting for Triton
+                return "timeout", msg
             if status == "StatusCode.UNAVAILABLE" and self.protocol == "grpc":
                 if any(w in low for w in ("ssl", "handshake", "certificate", "tls")):
                     return "tls", msg
@@ -729,6 +733,10 @@ class CrisisClient:
             if kind == "tls":
                 raise ServerUnreachableError(
                     f"TLS with {self._where()} failed: {detail} (see --root-certs, --client-cert)"
+                ) from None
+            if kind == "timeout" and status == "504":
+                raise RequestTimeoutError(
+                    f"the front at {self._where()} gave up waiting for Triton ({what}): {detail}"
                 ) from None
             if kind == "timeout":
                 raise RequestTimeoutError(

@@ -59,6 +59,7 @@ class RejectReason(str, enum.Enum):
     INVALID_UTF8 = "invalid_utf8"  # text or caption
     BATCH_MISMATCH = "batch_mismatch"  # inputs of one request with different batch sizes
     INTERNAL = "internal"  # an unforeseen error while preprocessing (a bug: see the log)
+    NO_IMAGE = "no_image"  # a text-only post to a head that cannot answer it (docs/text-only.md)
 
 
 class PreprocessError(ValueError):
@@ -107,6 +108,11 @@ class PreprocessSpec:
     # ICO, ...) are never tried: a request cannot reach a decoder that reads files or runs tools.
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
     extra: dict[str, str] = field(default_factory=dict)
+    # Posts without an image (docs/text-only.md): answered with zero pixels and image_present 0
+    # when the served head can answer them (cma_clip; the paper's head trained with modality
+    # dropout), else refused with `no_image_reason`.
+    image_optional: bool = False
+    no_image_reason: str = "the served head was not trained for posts without an image"
 
     def __post_init__(self) -> None:
         """Checked when made, so a hand-edited preprocess.json stops the model from loading with
@@ -395,6 +401,36 @@ def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     return image_to_pixels(decode_image(data, spec), spec)
 
 
+def preprocess_post_image(data: bytes | None, spec: PreprocessSpec) -> tuple[np.ndarray, float]:
+    """(pixels [3, S, S], image_present) of a post's image; a post without one (None) gets zero
+    pixels and 0.0 where the served head answers text-only posts, else a PreprocessError that says
+    why it is refused."""
+    if data is not None:
+        return preprocess_image(data, spec), 1.0
+    if not spec.image_optional:
+        raise PreprocessError(
+            f"the post has no image, and {spec.no_image_reason}", reason=RejectReason.NO_IMAGE
+        )
+    return np.zeros((3, spec.image_size, spec.image_size), dtype=np.float32), 0.0
+
+
+def modalities_used(image_present: np.ndarray, ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """[N, 2] float32 = [image, text]: the image where the post had one, the text where its cleaned
+    text has a token (an empty text is <|startoftext|> <|endoftext|> only)."""
+    text = (ids[:, 1] != eos_id).astype(np.float32)
+    return np.stack([image_present.reshape(-1).astype(np.float32), text], axis=1)
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """What the ensemble's first step gives for a batch of posts."""
+
+    pixels: np.ndarray  # [N, 3, S, S] float32; zeros for a post without an image
+    input_ids: np.ndarray  # [N, T] int64
+    image_present: np.ndarray  # [N, 1] float32: 1.0 with an image, 0.0 without
+    modalities_used: np.ndarray  # [N, 2] float32: [image, text] (see modalities_used)
+
+
 class Preprocessor:
     """Both halves together, as the ensemble's first step runs them."""
 
@@ -402,10 +438,30 @@ class Preprocessor:
         self.spec = spec
         self.text = TextPreprocessor(spec, assets_dir)
 
-    def __call__(
-        self, images: list[bytes], tweets: list[str], captions: list[str | None] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def encode(
+        self,
+        images: list[bytes | None],
+        tweets: list[str],
+        captions: list[str | None] | None = None,
+    ) -> Preprocessed:
+        """Every output of the preprocess model; an image None is a post without one (refused
+        unless spec.image_optional, as the served model refuses it)."""
         captions = captions if captions is not None else [None] * len(tweets)
-        pixels = np.stack([preprocess_image(b, self.spec) for b in images])
+        rows = [preprocess_post_image(b, self.spec) for b in images]
         texts = [compose_text(t, c, self.spec) for t, c in zip(tweets, captions)]
-        return pixels, self.text(texts)
+        ids = self.text(texts)
+        present = np.array([[p] for _, p in rows], dtype=np.float32)
+        return Preprocessed(
+            np.stack([px for px, _ in rows]), ids, present,
+            modalities_used(present, ids, self.text.eos_id),
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        images: list[bytes | None],
+        tweets: list[str],
+        captions: list[str | None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, input_ids): what the image and text encoders take."""
+        out = self.encode(images, tweets, captions)
+        return out.pixels, out.input_ids
