@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sequential ORT chain and the one-task comparison (default: fp32)",
     )
     m.add_argument(
+        "--cma-clip",
+        action="store_true",
+        help="also measure the cma_clip head (export.py --head cma_clip, fp32: token sequences, "
+        "sequence- and modality-wise attention) beside the paper's head: its served ONNX "
+        "Runtime chain and Triton levels, rows with paths ending in '-cma_clip'",
+    )
+    m.add_argument(
         "--min-agreement",
         type=float,
         default=0.99,
@@ -393,9 +400,12 @@ class Run:
         )
         self.tasks = tuple(args.tasks.split(","))
         self.precisions: list[str] = args.precision
-        if args.url and len(self.precisions) > 1:
-            raise SystemExit("benchmark.py: --url serves one repository: give one --precision")
+        if args.url and (len(self.precisions) > 1 or args.cma_clip):
+            raise SystemExit(
+                "benchmark.py: --url serves one repository: give one --precision, no --cma-clip"
+            )
         self.gates: dict[str, float | None] = {}
+        self.heads: dict[Path, str] = {}  # repositories of another head than the paper's
         self.notes: list[str] = []
         self.rows: list[report.Row] = []
         self.posts = workload.make_posts(self.cfg["posts"], seed=args.seed)
@@ -458,7 +468,11 @@ class Run:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 gate = json.loads(report_file.read_text())["precision_gate"]["gate"]
                 self.gates[precision] = min(t["agreement"] for t in gate["tasks"].values())
+        head = self.heads.get(repo)
         for row in rows:
+            if head is not None:  # the cma_clip rows stand apart from the paper's head's
+                row["path"] = f"{row['path']}-{head}"
+                row["head"] = head
             if row["path"].startswith("research"):
                 row.setdefault("precision", "fp32")
                 row.setdefault("runtime", "pytorch")
@@ -470,7 +484,9 @@ class Run:
                 row.setdefault("runtime", runtime)
 
     # -------------------------------------------------------------- repositories
-    def repository(self, precision: str = "fp32") -> tuple[Path, repos.ModelChoice]:
+    def repository(
+        self, precision: str = "fp32", head: str | None = None
+    ) -> tuple[Path, repos.ModelChoice]:
         args = self.args
         if args.repo is not None:
             deployed = repos.read_deployment(args.repo)
@@ -491,9 +507,12 @@ class Run:
         choice = repos.ModelChoice(
             self.cfg["size"], self.tasks, args.seed, precision, args.min_agreement, runtime
         )
+        if head is not None:
+            choice = dataclasses.replace(choice, head=head)
         _log(f"export {choice.describe()} (cached in {self.cache}) ...")
         t0 = time.perf_counter()
         log = self.logs / f"export{'' if choice.label == 'fp32' else '_' + choice.label}.log"
+        log = log.with_name(log.stem + ("" if head is None else f"_{head}") + log.suffix)
         repo, reused = repos.export(choice, self.cache, self.dep, log)
         self.notes.append(
             f"repository {'reused from an earlier export' if reused else 'exported'} with "
@@ -712,7 +731,8 @@ class Run:
         if "research" in self.paths:
             total += self.cfg["research_requests"] * (2 if _want_cuda(self.args) else 1)
         if "onnxruntime" in self.paths:
-            chains = len(inprocess.ort_variants(_want_cuda(self.args))) * len(self.precisions) + 1
+            variants = len(inprocess.ort_variants(_want_cuda(self.args)))
+            chains = variants * (len(self.precisions) + self.args.cma_clip) + 1
             total += chains * sum(
                 inprocess.ort_samples(self.cfg["ort_samples"], b) for b in self.args.batch_sizes
             )
@@ -720,7 +740,7 @@ class Run:
             total += sum(n for _, _, n in _levels(self.args, self.cfg, self.args.concurrency))
             opened = sum(round(r * self.cfg["duration"]) for r in self.args.request_rate)
             total += opened * len(self.args.protocols.split(","))
-            total *= len(self.precisions) if not self.args.url else 1
+            total *= len(self.precisions) + self.args.cma_clip if not self.args.url else 1
         if "one_task" in self.paths and not self.args.url:
             levels = _levels(self.args, self.cfg, self.args.one_task_concurrency)
             total += sum(n for _, _, n in levels)
@@ -751,6 +771,15 @@ class Run:
         elif "one_task" in self.paths:
             self.notes.append("one-task comparison skipped: --url serves one repository")
         others = [self.repository(p) for p in self.precisions[1:]]
+        if self.args.cma_clip:  # beside the paper's head, in fp32
+            cma_repo, cma_choice = self.repository("fp32", head="cma_clip")
+            self.heads[cma_repo] = "cma_clip"
+            others.append((cma_repo, cma_choice))
+            self.notes.append(
+                "cma_clip rows (paths ending in -cma_clip): the same posts through the cma_clip "
+                "head's repository (token sequences from both encoders, sequence- and "
+                "modality-wise attention), fp32; research path not measured for it"
+            )
         self.wait_quiet()
         progress = Progress(self.planned(), not self.args.no_progress)
         try:

@@ -19,7 +19,7 @@ from benchmarks.workload import Post
 from export.preprocess import Preprocessor
 from export.repository import model_dir
 from export.runtimes import open_session
-from export.spec import ModelSpecs
+from export.spec import IMAGE_PRESENT, ModelSpecs
 from export.triton_config import Deployment
 
 
@@ -201,6 +201,9 @@ class OrtChain:
         self.pixels_name = specs.image_encoder.input_names[0]
         self.ids_name = specs.text_encoder.input_names[0]
         self.head_inputs = specs.head.input_names
+        # the encoders' outputs by name: pooled features, or token sequences (cma_clip)
+        self.image_outputs = specs.image_encoder.output_names
+        self.text_outputs = specs.text_encoder.output_names
         self.pool = ThreadPoolExecutor(1) if served else None
 
     @property
@@ -210,12 +213,15 @@ class OrtChain:
     def __call__(self, pixels: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
         if self.pool is not None:  # the text encoder beside the image encoder
             text = self.pool.submit(self.text.run, {self.ids_name: ids})
-            (fi,) = self.image.run({self.pixels_name: pixels})
-            (ft,) = text.result()
+            image = self.image.run({self.pixels_name: pixels})
+            txt = text.result()
         else:
-            (fi,) = self.image.run({self.pixels_name: pixels})
-            (ft,) = self.text.run({self.ids_name: ids})
-        return self.head.run(dict(zip(self.head_inputs, (fi, ft))))
+            image = self.image.run({self.pixels_name: pixels})
+            txt = self.text.run({self.ids_name: ids})
+        feed = {**dict(zip(self.image_outputs, image)), **dict(zip(self.text_outputs, txt))}
+        if IMAGE_PRESENT in self.head_inputs:  # every benchmark post has its image
+            feed[IMAGE_PRESENT] = np.ones((len(pixels), 1), dtype=np.float32)
+        return self.head.run({name: feed[name] for name in self.head_inputs})
 
     def close(self) -> None:
         if self.pool is not None:

@@ -14,7 +14,9 @@ import numpy as np
 Row = dict[str, Any]
 Tick = Callable[[int], None]
 
-TRITON_PATHS = ("triton", "triton_one_task")
+TRITON_PATHS = ("triton", "triton_one_task", "triton-cma_clip")
+# Rows of another head's repository than the paper's (benchmark.py --cma-clip): the path + this.
+HEAD_SUFFIXES = ("-cma_clip",)
 STEP_FIELDS = ("queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms")
 # What each path's latency covers (the Markdown legend and every row's "includes").
 INCLUDES = {
@@ -34,8 +36,11 @@ INCLUDES = {
 
 
 def includes(path: str) -> str:
-    """What a path's latency covers; a device suffix ("onnxruntime-cuda") does not change it."""
-    return INCLUDES.get(re.sub(r"-(cuda|tensorrt)$", "", path), "")
+    """What a path's latency covers; a device suffix ("onnxruntime-cuda") does not change it, a
+    head suffix ("triton-cma_clip") names the other head's repository."""
+    head = next((h for h in HEAD_SUFFIXES if path.endswith(h)), "")
+    text = INCLUDES.get(re.sub(r"-(cuda|tensorrt)$", "", path.removesuffix(head)), "")
+    return text + (f"; the {head[1:]} head's repository" if head and text else "")
 
 
 def summarize(latencies_ms: Sequence[float]) -> dict[str, float]:

@@ -26,9 +26,13 @@ from export.repository import (
     write_repository,
 )
 from export.spec import (
+    CMA_CLIP,
     ENSEMBLE,
     HEAD,
+    HEAD_VARIANTS,
     IMAGE_ENCODER,
+    IMAGE_PRESENT,
+    IMAGE_TOKENS,
     PRECISION_PARAMETER,
     PREPROCESS,
     WEIGHTS_PARAMETER,
@@ -77,6 +81,7 @@ class ModelChoice:
     precision: str = "fp32"
     min_agreement: float = DEFAULT_MIN_AGREEMENT  # the gate of a reduced precision
     runtime: str = ""  # the encoders' runtime where the precision has two (int8: openvino)
+    head: str = HEAD_VARIANTS[0]  # export.py --head (cma_clip: fp32 only)
 
     @property
     def label(self) -> str:
@@ -85,6 +90,7 @@ class ModelChoice:
     @property
     def key(self) -> str:
         suffix = "" if self.label == "fp32" else f"_{self.label.replace(':', '-')}"
+        suffix += "" if self.head == HEAD_VARIANTS[0] else f"_{self.head}"
         return f"{self.size}_seed{self.seed}_{'-'.join(self.tasks)}{suffix}"
 
     def export_args(self, out: Path, dep: Deployment) -> list[str]:
@@ -100,6 +106,8 @@ class ModelChoice:
             [] if self.precision == "fp32"
             else ["--precision", self.precision, "--min-agreement", str(self.min_agreement)]
         ) + (["--runtime", self.runtime] if self.runtime else []) + (
+            ["--head", self.head] if self.head != HEAD_VARIANTS[0] else []
+        ) + (
             ["--response-cache"] if dep.response_cache else []
         )  # fmt: skip
 
@@ -107,7 +115,7 @@ class ModelChoice:
         arch = "ViT-B/32" if self.size == "base" else "tiny CLIP"
         return (
             f"{arch} ({SIZES[self.size]}), RANDOM weights, tasks {','.join(self.tasks)}, "
-            f"precision {self.label}"
+            f"precision {self.label}" + ("" if self.head == HEAD_VARIANTS[0] else f", {self.head}")
         )
 
 
@@ -185,7 +193,9 @@ def read_deployment(repo: Path) -> Deployed:
         raise ValueError(f"{repo} is not a crisis classifier repository (no {sorted(missing)})")
     encoder = encoder_config_of(repo, configs)
     tasks = tuple(t for o in configs[HEAD].output if (t := task_of_output(o.name)))
-    specs = build_specs(encoder, tasks)
+    head_inputs = {t.name for t in configs[HEAD].input}
+    head = CMA_CLIP if IMAGE_TOKENS in head_inputs else HEAD_VARIANTS[0]
+    specs = build_specs(encoder, tasks, head, text_only=IMAGE_PRESENT in head_inputs)
     dep = read_deployment_json(repo) or _deployment_from_configs(repo, configs)
     ensemble = configs.get(ENSEMBLE)
     param = ensemble.parameters.get(WEIGHTS_PARAMETER) if ensemble is not None else None

@@ -125,19 +125,28 @@ def parse_tasks(values: Sequence[str] | None) -> list[str] | None:
 
 
 def predictions_json(predictions: Mapping[str, Prediction], top_only: bool = False) -> dict:
-    """{task: {"label": ..., "probabilities": {label: prob}}} (top-k only with `top_only`)."""
+    """{task: {"label": ..., "probabilities": {label: prob}, ...}} (Prediction.as_json; top-k
+    only with `top_only`)."""
     return {task: p.as_json(top_only) for task, p in predictions.items()}
 
 
 def format_predictions(predictions: Mapping[str, Prediction], bar_width: int = 30) -> str:
-    """Readable report: per task the predicted label, then the classes by decreasing probability."""
+    """Readable report: the modalities of the post that went into the answer (where the server
+    says), then per task the predicted label, the classes by decreasing probability and the
+    head's modality weights (where served: the cma_clip head)."""
     lines: list[str] = []
+    used = next((p.modalities_used for p in predictions.values()), None)
+    if used is not None:
+        lines.append(f"modalities used: {', '.join(used) or 'none'}")
     for task, pred in predictions.items():
         lines.append(f"{task}: {pred.label}")
         width = max(len(label) for label, _ in pred.top)
         for label, prob in pred.top:
             bar = "#" * round(max(0.0, min(1.0, prob)) * bar_width)
             lines.append(f"  {label:<{width}}  {prob:6.4f}  {bar}")
+        if pred.modality_weights is not None:
+            weights = "  ".join(f"{m} {w:6.4f}" for m, w in pred.modality_weights.items())
+            lines.append(f"  modality weights: {weights}")
     return "\n".join(lines)
 
 
@@ -495,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
             '  python client/classify.py photo.jpg "Roads flooded" --json --protocol grpc\n'
             '  python client/classify.py photo.jpg "Roads flooded" --url https://triton:8443 '
             "--root-certs ca.pem -H x-request-id:r-42\n"
+            '  python client/classify.py --no-image "Roads flooded #harvey"   (text-only post)\n'
             "  python client/classify.py --batch posts.csv --results results.jsonl "
             "--concurrency 8\n\n"
             f"batch files: a header row {IMAGE_INPUT},{TEXT_INPUT}[,{CAPTION_INPUT}], then one "
@@ -610,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serves), e.g. --task task1 --task task3 or --task task1,task3",
     )
     what.add_argument(
+        "--no-image",
+        action="store_true",
+        help="a text-only post: give TEXT alone. Answered only by a served head that can "
+        "(cma_clip, or the paper's head trained with --modality-dropout); others refuse it "
+        'saying why (exit 6), e.g. --no-image "Roads flooded #harvey"',
+    )
+    what.add_argument(
         "--caption",
         metavar="TEXT",
         help='image description appended to the text, e.g. --caption "a flooded street"',
@@ -625,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help='print one JSON object instead of text: {"task1": {"label": ..., '
-        '"probabilities": {label: prob}}, ...}',
+        '"probabilities": {label: prob}, "modalities_used": ["image", "text"]}, ...}; '
+        '"modality_weights": {"image": w, "text": w} too where the head gives them (cma_clip)',
     )
     batch = parser.add_argument_group("batch mode")
     batch.add_argument(
@@ -670,6 +688,16 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--caption is for one post; in batch mode use a caption column")
         if args.json:
             parser.error("--json is for one post; batch results are written to --results")
+        if args.no_image:
+            parser.error("--no-image is for one post (batch rows each name their image)")
+    elif args.no_image:
+        if args.text is not None:
+            parser.error("--no-image takes TEXT alone, not an IMAGE")
+        if args.image is None:
+            parser.error("--no-image needs the post's TEXT")
+        args.image, args.text = None, args.image  # the one positional is the text
+        if args.results is not None:
+            parser.error("--results goes with --batch")
     else:
         if args.image is None or args.text is None:
             parser.error("give IMAGE and TEXT (or --batch FILE --results OUT.jsonl)")
@@ -733,7 +761,7 @@ def warn_if_random(client: CrisisClient) -> None:
 
 
 def run_single(args: argparse.Namespace, stdout: TextIO) -> int:
-    image = read_image(Path(args.image))
+    image = read_image(Path(args.image)) if args.image is not None else None
     with _make_client(args) as client:
         client.check_ready()
         warn_if_random(client)

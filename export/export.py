@@ -10,6 +10,9 @@ Examples:
   # pretrained CLIP from a local folder + head weights per task
   python export/export.py --encoders hf:/models/clip-vit-base-patch32 \\
       --head-weights task1=head_task1.pt --out model_repository
+  # the cma_clip head (token sequences; answers text-only posts) trained by train/train_head.py
+  python export/export.py --encoders hf:/models/clip-vit-base-patch32 --head cma_clip \\
+      --head-weights task1=runs/cma_task1.pt --out model_repository
   # INT8 encoders (or bf16, or auto: the fastest that passes), gated on your own posts
   python export/export.py --checkpoint task1=... --precision auto --eval-posts posts.csv \\
       --out model_repository
@@ -58,13 +61,22 @@ from export.precision import PRECISION_CHOICES
 from export.precision_gate import DEFAULT_MIN_AGREEMENT
 from export.preprocess import PreprocessSpec
 from export.spec import (
+    CMA_CLIP,
     DEFAULT_TASKS,
-    HEAD_VARIANTS,
+    END_TO_END_ATOL,
+    HEAD_TYPES,
     RANDOM_WEIGHTS_NOTE,
+    ModelSpecs,
     build_specs,
 )
 from export.triton_config import BACKENDS, ONNX_FILE, Deployment
-from export.weights import UsageError, WeightsSource
+from export.weights import (
+    LoadedModels,
+    UsageError,
+    WeightsSource,
+    load_weights,
+    no_image_reason,
+)
 from export.weights import load_models as _load_weights
 
 if TYPE_CHECKING:
@@ -118,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument(
         "--head",
-        choices=HEAD_VARIANTS,
+        choices=HEAD_TYPES,
         default=None,
-        help="head variant (default: what the checkpoint holds, else guided_ca_diff)",
+        help="head: the paper's guided_ca_diff or guided_ca, or cma_clip (token sequences, "
+        "sequence- and modality-wise attention; answers posts without an image; "
+        "--head-weights from train/train_head.py or --random-weights; fp32 only). Default: "
+        "what the checkpoint or head file holds, else guided_ca_diff",
     )
     src.add_argument(
         "--random-weights",
@@ -338,8 +353,12 @@ def load_models(
     return _load_weights(source)
 
 
-def _end_to_end_check(specs, enc, head, preprocess_spec, model_files: dict[str, Path]) -> dict:
-    """One synthetic post through preprocess -> ONNX chain vs the same through PyTorch."""
+def _end_to_end_check(
+    specs: ModelSpecs, modules: dict, preprocess_spec: PreprocessSpec, model_files: dict[str, Path]
+) -> dict:
+    """One synthetic post through preprocess -> ONNX chain vs the same through PyTorch, and where
+    the head answers posts without an image, the same post without it (image_present 0): every
+    output of the head within END_TO_END_ATOL, the same top-1 class."""
     import io
 
     import numpy as np
@@ -353,26 +372,40 @@ def _end_to_end_check(specs, enc, head, preprocess_spec, model_files: dict[str, 
     img = Image.fromarray(rng.integers(0, 256, (180, 240, 3), dtype=np.uint8), "RGB")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    pixels, ids = Preprocessor(preprocess_spec)(
-        [buf.getvalue()], ["RT Flooding downtown #harvey https://t.co/x"], ["a flooded street"]
-    )
-
-    def run(name: str, feed: dict) -> list:
-        sess = ort.InferenceSession(str(model_files[name]), providers=["CPUExecutionProvider"])
-        return sess.run(None, feed)
-
-    (fi,) = run(specs.image_encoder.name, {specs.image_encoder.input_names[0]: pixels})
-    (ft,) = run(specs.text_encoder.name, {specs.text_encoder.input_names[0]: ids})
-    got = run(specs.head.name, dict(zip(specs.head.input_names, (fi, ft))))
-    with torch.no_grad():
-        ref = head(enc.image(torch.from_numpy(pixels)), enc.text(torch.from_numpy(ids)))
-    diffs = {
-        n: float(np.abs(g - r.numpy()).max()) for n, g, r in zip(specs.head.output_names, got, ref)
+    posts: list[bytes | None] = [buf.getvalue(), *([None] if specs.text_only else [])]
+    sessions = {
+        name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for name, path in model_files.items()
     }
-    return {
-        "max_abs_diff": diffs,
-        "top1_same": all(int(g.argmax()) == int(r.argmax()) for g, r in zip(got, ref)),
-    }
+
+    def onnx_run(graph, feed: dict) -> list:
+        return sessions[graph.name].run(graph.output_names, feed)
+
+    def torch_run(graph, feed: dict) -> tuple:
+        with torch.no_grad():
+            out = modules[graph.name](*(torch.from_numpy(a) for a in feed.values()))
+        return tuple(o.numpy() for o in (out if isinstance(out, tuple) else (out,)))
+
+    report: dict = {"atol": END_TO_END_ATOL, "passed": True}
+    pre = Preprocessor(preprocess_spec)
+    text, caption = "RT Flooding downtown #harvey https://t.co/x", "a flooded street"
+    for image in posts:
+        tensors = specs.preprocess_outputs(pre.encode([image], [text], [caption]))
+        got = specs.run_chain(onnx_run, tensors)
+        ref = specs.run_chain(torch_run, tensors)
+        names = specs.head.output_names
+        diffs = {n: float(np.abs(got[n] - ref[n]).max()) for n in names}
+        top1 = all(
+            int(got[n].argmax()) == int(ref[n].argmax()) for n in names if n.startswith("probs_")
+        )
+        ok = top1 and max(diffs.values()) <= END_TO_END_ATOL
+        check = {"max_abs_diff": diffs, "top1_same": top1}
+        if image is not None:  # the post with its image: where the report always had it
+            report.update(check)
+        else:
+            report["without_image"] = check
+        report["passed"] = report["passed"] and ok
+    return report
 
 
 def _build_engines(args: argparse.Namespace, repo: Path) -> bool:
@@ -447,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if precision == "fp32":
                 raise UsageError("--eval-posts feeds the precision gate: add --precision")
             read_eval_posts(args.eval_posts)  # unreadable posts fail before the slow model load
+        _check_head_deployment(args.head, precision, args.backend)
         _check_replaceable(args.out)
         adding = _adding_version(args)
     except (ValueError, UsageError, EvalPostsError) as exc:
@@ -458,17 +492,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.configs_only:
         config = load_encoder_config("hf-clip-vit-base-patch32")
         tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
+        head_type = args.head or HEAD_TYPES[0]
         try:
             pre_spec = preprocess_spec_of(args, config.preprocess_spec())
-        except UsageError as exc:
+            specs = build_specs(config, tasks, head_type)
+        except (UsageError, ValueError) as exc:
             print(f"export.py: error: {exc}", file=sys.stderr)
             return 2
-        write_repository(args.out, build_specs(config, tasks), dep, pre_spec)
+        reason = "" if specs.text_only else no_image_reason(head_type, specs.tasks, True)
+        write_repository(args.out, specs, dep, serving_preprocess(pre_spec, specs, reason))
         print(f"configs written to {args.out} (no model files: run without --configs-only)")
         return 0
     try:
         preprocess_spec_of(args, PreprocessSpec())  # bad limits fail before the slow model load
-        enc, heads, provenance = _load_weights(WeightsSource.from_args(args))
+        loaded = load_weights(WeightsSource.from_args(args))
+        _check_head_deployment(loaded.head_type, precision, args.backend)
+        enc = loaded.encoders
         preprocess_spec = preprocess_spec_of(args, enc.config.preprocess_spec())
     except UsageError as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
@@ -483,8 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --out (never in it), and the next export of the same --out removes it.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        passed, summary = _export(args, stage, work, dep, precision, enc, heads, provenance,
-                                  preprocess_spec, started)  # fmt: skip
+        passed, summary = _export(
+            args, stage, work, dep, precision, loaded, preprocess_spec, started
+        )
         if passed and adding:
             passed = _merge_versions(args, stage, summary)
         if passed:
@@ -505,15 +545,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if passed else 1
 
 
+def _check_head_deployment(head: str | None, precision: str, backend: str) -> None:
+    """cma_clip is exported in FP32 for the python and onnxruntime flavours only: its reduced
+    precisions and TensorRT engines are not gated or verified here (docs/text-only.md)."""
+    if head != CMA_CLIP:
+        return
+    if precision != "fp32":
+        raise UsageError(
+            f"--head cma_clip is exported in fp32 only (--precision {precision}: the precision "
+            "gate and the reduced-precision graphs cover the paper's head)"
+        )
+    if backend not in ("python", "onnxruntime"):
+        raise UsageError(
+            f"--head cma_clip serves on the python or onnxruntime flavours, not --backend "
+            f"{backend} (its {backend} graphs are not verified)"
+        )
+
+
+def serving_preprocess(base: PreprocessSpec, specs: ModelSpecs, reason: str) -> PreprocessSpec:
+    """The preprocessing a repository serves with: posts without an image answered where the head
+    can (specs.text_only), else refused with `reason`."""
+    if specs.text_only:
+        return dataclasses.replace(base, image_optional=True, no_image_reason="")
+    return dataclasses.replace(base, image_optional=False, no_image_reason=reason)
+
+
 def _export(
     args: argparse.Namespace,
     stage: Path,
     work: Path,
     dep: Deployment,
     precision: str,
-    enc,
-    heads: dict,
-    provenance: dict,
+    loaded: LoadedModels,
     preprocess_spec: PreprocessSpec,
     started: float,
 ) -> tuple[bool, dict]:
@@ -526,18 +589,28 @@ def _export(
     from export.sample_inputs import fixed_inputs
     from export.validate import validate_graph
 
-    specs = build_specs(enc.config, tuple(heads))
-    head = build_multitask_head(heads, specs.tasks)
+    enc, heads, provenance = loaded.encoders, loaded.heads, loaded.provenance
+    specs = build_specs(enc.config, tuple(heads), loaded.head_type, loaded.text_only)
+    head = build_multitask_head(heads, specs.tasks, loaded.text_only)
+    preprocess_spec = serving_preprocess(preprocess_spec, specs, loaded.no_image_reason)
     weights = "; ".join(
         [RANDOM_WEIGHTS_NOTE] * enc.random_weights
         + [f"encoders: {enc.description}"]
         + [f"{t}: {p}" for t, p in provenance.items()]
     )
     write_repository(stage, specs, dep, preprocess_spec, weights)
-    print(f"encoders: {enc.description}; tasks: {', '.join(specs.tasks)}")
+    print(f"encoders: {enc.description}; tasks: {', '.join(specs.tasks)}; head: {specs.head_type}")
+    print(
+        "posts without an image: answered"
+        if specs.text_only
+        else f"posts without an image: refused ({loaded.no_image_reason})"
+    )
+    image_module, text_module = (
+        enc.token_encoders() if specs.head_type == CMA_CLIP else (enc.image, enc.text)
+    )
     modules = {
-        specs.image_encoder.name: enc.image,
-        specs.text_encoder.name: enc.text,
+        specs.image_encoder.name: image_module,
+        specs.text_encoder.name: text_module,
         specs.head.name: head,
     }
     fp16 = precision == "fp16"
@@ -563,7 +636,9 @@ def _export(
         preprocess_spec,
         **{k: getattr(PreprocessSpec(), k) for k in ("max_image_bytes", "max_image_pixels")},
     )
-    e2e = _end_to_end_check(specs, enc, head, check_spec, files) if passed else None
+    e2e = _end_to_end_check(specs, modules, check_spec, files) if passed else None
+    if e2e and not e2e["passed"]:
+        passed = False
     if e2e:
         print(f"end to end (preprocess -> ONNX vs PyTorch): {e2e}")
     gate_report = None
@@ -607,6 +682,10 @@ def _export(
         "encoders": enc.description,
         "encoder_config": enc.config.name,
         "heads": provenance,
+        "head": specs.head_type,
+        "text_only": specs.text_only,
+        "no_image_reason": preprocess_spec.no_image_reason or None,
+        "trained_heads": json.loads(json.dumps(loaded.trained, default=str)) or None,
         "tasks": list(specs.tasks),
         "precision": dep.precision,
         "model_version": dep.model_version,

@@ -148,5 +148,30 @@ def random_head(image_dim: int, text_dim: int, task: str, variant: str, seed: in
     return head.eval()
 
 
-def build_multitask_head(heads: Mapping[str, GuidedCAHead], tasks: Sequence[str]) -> MultiTaskHead:
-    return MultiTaskHead({t: heads[t] for t in tasks}).eval()
+class TextOnlyMultiTaskHead(MultiTaskHead):
+    """All tasks' heads, trained with modality dropout (train/train_head.py --modality-dropout):
+    the image features are multiplied by image_present, so a post without an image (0) is
+    answered from zero image features, as modality dropout trained the heads
+    (docs/text-only.md). With image_present 1 the answer is MultiTaskHead's."""
+
+    def forward(  # type: ignore[override]
+        self, image_features: torch.Tensor, text_features: torch.Tensor, image_present: torch.Tensor
+    ) -> tuple:
+        return super().forward(image_features * image_present, text_features)
+
+
+def build_multitask_head(
+    heads: Mapping[str, nn.Module], tasks: Sequence[str], text_only: bool = False
+) -> nn.Module:
+    """The one head graph of an export: every task's head on one encoder pass, the inputs and
+    outputs of export.spec.build_specs(..., head, text_only). cma_clip heads take the token
+    sequences and image_present; the paper's heads take the pooled features, and image_present
+    too when `text_only` (trained with modality dropout)."""
+    from export.cma_clip import CMAClipHead, build_multitask_cma_clip
+
+    if all(isinstance(h, CMAClipHead) for h in heads.values()):
+        return build_multitask_cma_clip(heads, tasks)  # type: ignore[arg-type]
+    if not all(isinstance(h, GuidedCAHead) for h in heads.values()):
+        raise ValueError("one export serves one kind of head: cma_clip or the paper's, not both")
+    kind = TextOnlyMultiTaskHead if text_only else MultiTaskHead
+    return kind({t: heads[t] for t in tasks}).eval()  # type: ignore[misc]

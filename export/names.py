@@ -50,6 +50,21 @@ def task_of_output(name: str) -> str | None:
     return task if name.startswith("probs_") and task in LABELS else None
 
 
+# The two modalities of a post, in the order of every [image, text] tensor below.
+MODALITIES: tuple[str, ...] = ("image", "text")
+
+
+def modality_weights_name(task: str) -> str:
+    """Name of a task's modality weights output ([image, text], the cma_clip head's modality-wise
+    attention), in the head graph and the ensemble alike."""
+    return f"modality_weights_{task}"
+
+
+def task_of_modality_weights(name: str) -> str | None:
+    task = name.removeprefix("modality_weights_")
+    return task if name.startswith("modality_weights_") and task in LABELS else None
+
+
 # ----------------------------------------------------------------------------- model names
 
 ENSEMBLE = "crisis_classifier"
@@ -75,3 +90,13 @@ PIXELS = "pixel_values"
 INPUT_IDS = "input_ids"
 IMAGE_FEATURES = "image_features"
 TEXT_FEATURES = "text_features"
+# The encoders' token sequences (the cma_clip head): image tokens [1+P, Di], text tokens [T, Dt]
+# and the text mask [T] (1.0 up to and including the end-of-text token).
+IMAGE_TOKENS = "image_tokens"
+TEXT_TOKENS = "text_tokens"
+TEXT_MASK = "text_mask"
+# Preprocess output [1]: 1.0 when the post has an image, 0.0 for a text-only post (zero pixels).
+IMAGE_PRESENT = "image_present"
+# Ensemble output [2] = [image, text] (MODALITIES): 1.0 where that modality of the post went into
+# the answer (image: the post had one; text: its cleaned text was not empty).
+MODALITIES_USED = "modalities_used"

@@ -23,7 +23,7 @@ import numpy as np
 
 from export.preprocess import PreprocessError, Preprocessor, PreprocessSpec, preprocess_image
 from export.runtimes import Session, open_session
-from export.spec import ModelSpecs
+from export.spec import IMAGE_PRESENT, ModelSpecs
 
 DEFAULT_MIN_AGREEMENT = 0.99
 SYNTHETIC_POSTS = 96
@@ -156,7 +156,10 @@ class Chain:
         s = self.specs
         (fi,) = self.image.run({s.image_encoder.input_names[0]: pixels})
         (ft,) = self.text.run({s.text_encoder.input_names[0]: ids})
-        probs = self.head.run(dict(zip(s.head.input_names, (fi, ft))))
+        feed = {s.image_encoder.output_names[0]: fi, s.text_encoder.output_names[0]: ft}
+        if IMAGE_PRESENT in s.head.input_names:  # a head trained with modality dropout
+            feed[IMAGE_PRESENT] = np.ones((len(pixels), 1), dtype=np.float32)
+        probs = self.head.run({name: feed[name] for name in s.head.input_names})
         return {
             s.image_encoder.output_names[0]: fi,
             s.text_encoder.output_names[0]: ft,

@@ -105,6 +105,11 @@ def write_repository(
     weights: str | None = None,
 ) -> None:
     """Everything but the model files (model.onnx / model.plan); the exporter writes those."""
+    if preprocess_spec.image_optional != specs.text_only:  # docs/text-only.md
+        raise ValueError(
+            f"preprocess.json image_optional={preprocess_spec.image_optional} contradicts the "
+            f"{specs.head_type} head (answers posts without an image: {specs.text_only})"
+        )
     repo.mkdir(parents=True, exist_ok=True)
     write_configs(repo, specs, dep, weights)
     # Ensemble: an empty version folder (kept in git by .gitkeep).

@@ -14,6 +14,12 @@ from export.spec import GraphSpec, TensorSpec
 def fixed_input(t: TensorSpec, batch: int, rng: np.random.Generator, vocab_size: int) -> np.ndarray:
     """Deterministic, realistic inputs: normalised pixels in [-1, 1], CLIP-shaped token rows."""
     shape = t.batched_shape(batch)
+    if t.values == "flag":  # image_present: present in even rows, absent in odd ones
+        return (np.arange(batch) % 2 == 0).astype(np.float32).reshape(shape)
+    if t.values == "mask":  # text_mask: 1.0 up to a random end-of-text position, then 0.0
+        (length,) = t.dims
+        ends = rng.integers(1, length, size=batch)
+        return (np.arange(length)[None, :] <= ends[:, None]).astype(np.float32)
     if t.dtype == "int64":
         (length,) = t.dims
         ids = np.full(shape, vocab_size - 1, dtype=np.int64)  # <|endoftext|> pads

@@ -10,7 +10,7 @@ derives from the specs built here; no tensor name is typed elsewhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,12 @@ from export.names import (
     IMAGE_ENCODER,
     IMAGE_FEATURES,
     IMAGE_INPUT,
+    IMAGE_PRESENT,
+    IMAGE_TOKENS,
     INPUT_IDS,
     LABELS,
+    MODALITIES,
+    MODALITIES_USED,
     PIXELS,
     PRECISION_PARAMETER,
     PREPROCESS,
@@ -35,12 +39,16 @@ from export.names import (
     TEXT_ENCODER,
     TEXT_FEATURES,
     TEXT_INPUT,
+    TEXT_MASK,
+    TEXT_TOKENS,
     WEIGHTS_PARAMETER,
     label_file,
+    modality_weights_name,
     probs_name,
+    task_of_modality_weights,
     task_of_output,
 )
-from export.preprocess import PreprocessSpec
+from export.preprocess import Preprocessed, PreprocessSpec
 
 __all__ = [
     # export/names.py
@@ -52,8 +60,12 @@ __all__ = [
     "IMAGE_ENCODER",
     "IMAGE_FEATURES",
     "IMAGE_INPUT",
+    "IMAGE_PRESENT",
+    "IMAGE_TOKENS",
     "INPUT_IDS",
     "LABELS",
+    "MODALITIES",
+    "MODALITIES_USED",
     "PIXELS",
     "PRECISION_PARAMETER",
     "PREPROCESS",
@@ -61,12 +73,19 @@ __all__ = [
     "TEXT_ENCODER",
     "TEXT_FEATURES",
     "TEXT_INPUT",
+    "TEXT_MASK",
+    "TEXT_TOKENS",
     "WEIGHTS_PARAMETER",
     "label_file",
+    "modality_weights_name",
     "probs_name",
+    "task_of_modality_weights",
     "task_of_output",
     # this module
+    "CMA_CLIP",
     "CONFIG_DIR",
+    "END_TO_END_ATOL",
+    "HEAD_TYPES",
     "HEAD_VARIANTS",
     "TENSORRT_MIN_COSINE",
     "TENSORRT_PROBS_ATOL",
@@ -81,7 +100,10 @@ __all__ = [
     "load_encoder_config",
 ]
 
+# The paper's head (export/head.py), and the cma_clip head (export/cma_clip.py).
 HEAD_VARIANTS: tuple[str, ...] = ("guided_ca_diff", "guided_ca")
+CMA_CLIP = "cma_clip"  # token sequences, sequence- and modality-wise attention
+HEAD_TYPES: tuple[str, ...] = (*HEAD_VARIANTS, CMA_CLIP)
 
 # TensorRT engines against ONNX Runtime on the same inputs (export/tensorrt_build.py): every
 # feature vector within this cosine; probabilities within this max abs diff, with the same top-1
@@ -90,6 +112,10 @@ HEAD_VARIANTS: tuple[str, ...] = ("guided_ca_diff", "guided_ca")
 TENSORRT_MIN_COSINE = 0.999
 TENSORRT_PROBS_ATOL = 1e-2
 TENSORRT_TOP1_MARGIN = 1e-3
+
+# The export's end-to-end check (one post through preprocessing and the ONNX chain against
+# PyTorch): every head output within this max abs diff (the issue's bound for a served answer).
+END_TO_END_ATOL = 1e-4
 
 # numpy dtype name -> Triton dtype. "bytes" is Triton's BYTES (np.object_ arrays of bytes).
 TRITON_DTYPES: dict[str, str] = {
@@ -110,10 +136,15 @@ class TensorSpec:
     dims: tuple[int, ...]
     optional: bool = False
     labels: str | None = None  # task whose label file goes with this output
+    # What the values mean, for the checks' sample inputs (export/sample_inputs.py): "" any,
+    # "mask" 1.0 on a prefix then 0.0 (text_mask), "flag" 0.0 or 1.0 (image_present).
+    values: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in TRITON_DTYPES:
             raise ValueError(f"{self.name}: unsupported dtype {self.dtype!r}")
+        if self.values not in ("", "mask", "flag"):
+            raise ValueError(f"{self.name}: unknown values kind {self.values!r}")
         if any(d != -1 and d <= 0 for d in self.dims):
             raise ValueError(f"{self.name}: dims must be -1 or positive, got {self.dims}")
 
@@ -191,7 +222,7 @@ def load_encoder_config(name: str) -> EncoderConfig:
 
 @dataclass(frozen=True)
 class ModelSpecs:
-    """The specs of every model of one deployment (one encoder family, a set of tasks)."""
+    """The specs of every model of one deployment (one encoder family, a set of tasks, a head)."""
 
     preprocess: GraphSpec
     image_encoder: GraphSpec
@@ -199,38 +230,110 @@ class ModelSpecs:
     head: GraphSpec
     ensemble: GraphSpec
     tasks: tuple[str, ...]
+    head_type: str = HEAD_VARIANTS[0]  # one of HEAD_TYPES
+    # Whether the head answers posts without an image (docs/text-only.md): cma_clip always; the
+    # paper's head when trained with modality dropout (its graph then takes image_present).
+    text_only: bool = False
 
     @property
     def onnx_graphs(self) -> tuple[GraphSpec, ...]:
         return (self.image_encoder, self.text_encoder, self.head)
 
+    def preprocess_outputs(self, pre: Preprocessed) -> dict[str, Any]:
+        """The preprocess model's outputs, by name, from the in-process Preprocessor's."""
+        every = {
+            PIXELS: pre.pixels,
+            INPUT_IDS: pre.input_ids,
+            MODALITIES_USED: pre.modalities_used,
+            IMAGE_PRESENT: pre.image_present,
+        }
+        return {name: every[name] for name in self.preprocess.output_names}
 
-def build_specs(encoder: EncoderConfig, tasks: Sequence[str] = DEFAULT_TASKS) -> ModelSpecs:
+    def run_chain(
+        self, run: Callable[[GraphSpec, dict[str, Any]], Sequence[Any]], tensors: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The ensemble's steps after preprocessing, in process: the encoders, then the head,
+        each fed its inputs by name. `run(graph, feed)` -> the graph's outputs in spec order;
+        `tensors`: the preprocess outputs. -> every tensor of the chain by name."""
+        out = dict(tensors)
+        for graph in self.onnx_graphs:
+            results = run(graph, {name: out[name] for name in graph.input_names})
+            out.update(zip(graph.output_names, results))
+        return out
+
+
+def image_token_count(encoder: EncoderConfig) -> int:
+    """1 + P: the class token and one token per patch of the image tower (HF CLIP only)."""
+    patch = encoder.hf_config.get("vision_config", {}).get("patch_size")
+    if encoder.family != "hf" or not patch:
+        raise ValueError(
+            f"{CMA_CLIP} needs Hugging Face CLIP encoders (hf:...) with a known patch size; "
+            f"{encoder.name} has none"
+        )
+    return 1 + (encoder.image_size // patch) ** 2
+
+
+def build_specs(
+    encoder: EncoderConfig,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    head: str = HEAD_VARIANTS[0],
+    text_only: bool = False,
+) -> ModelSpecs:
+    """Every model's spec. `head`: one of HEAD_TYPES; `text_only`: whether the paper's head was
+    trained with modality dropout (always true for cma_clip). Exports of the paper's head without
+    it keep the graphs of before; every export's ensemble takes `image` as optional, and the
+    preprocess model refuses a post without one when the head cannot answer it
+    (PreprocessSpec.image_optional)."""
+    if head not in HEAD_TYPES:
+        raise ValueError(f"unknown head {head!r}; known: {list(HEAD_TYPES)}")
     unknown = [t for t in tasks if t not in LABELS]
     if unknown or not tasks:
         raise ValueError(f"unknown or no tasks {list(tasks)}; known: {list(ALL_TASKS)}")
     tasks = tuple(t for t in ALL_TASKS if t in tasks)  # canonical order
+    text_only = text_only or head == CMA_CLIP
     size, ctx = encoder.image_size, encoder.context_length
     pixels = TensorSpec(PIXELS, "float32", (3, size, size))
     ids = TensorSpec(INPUT_IDS, "int64", (ctx,))
-    img_feat = TensorSpec(IMAGE_FEATURES, "float32", (encoder.image_dim,))
-    txt_feat = TensorSpec(TEXT_FEATURES, "float32", (encoder.text_dim,))
+    present = TensorSpec(IMAGE_PRESENT, "float32", (1,), values="flag")
+    used = TensorSpec(MODALITIES_USED, "float32", (len(MODALITIES),))
     probs = tuple(TensorSpec(probs_name(t), "float32", (len(LABELS[t]),), labels=t) for t in tasks)
     raw = (
-        TensorSpec(IMAGE_INPUT, "bytes", (1,)),
+        TensorSpec(IMAGE_INPUT, "bytes", (1,), optional=True),
         TensorSpec(TEXT_INPUT, "bytes", (1,)),
         TensorSpec(CAPTION_INPUT, "bytes", (1,), optional=True),
     )
     fp16 = encoder.atol_fp16
+    if head == CMA_CLIP:
+        img_out: tuple[TensorSpec, ...] = (
+            TensorSpec(IMAGE_TOKENS, "float32", (image_token_count(encoder), encoder.image_dim)),
+        )
+        txt_out: tuple[TensorSpec, ...] = (
+            TensorSpec(TEXT_TOKENS, "float32", (ctx, encoder.text_dim)),
+            TensorSpec(TEXT_MASK, "float32", (ctx,), values="mask"),
+        )
+        weights = tuple(
+            TensorSpec(modality_weights_name(t), "float32", (len(MODALITIES),)) for t in tasks
+        )
+        head_spec = GraphSpec(
+            HEAD, (*img_out, *txt_out, present), (*probs, *weights), atol=1e-5, atol_fp16=1e-2
+        )
+    else:
+        img_out = (TensorSpec(IMAGE_FEATURES, "float32", (encoder.image_dim,)),)
+        txt_out = (TensorSpec(TEXT_FEATURES, "float32", (encoder.text_dim,)),)
+        head_inputs = (*img_out, *txt_out, *((present,) if text_only else ()))
+        head_spec = GraphSpec(HEAD, head_inputs, probs, atol=1e-5, atol_fp16=1e-2)
+    pre_out = (pixels, ids, used, *((present,) if text_only else ()))
     return ModelSpecs(
-        preprocess=GraphSpec(PREPROCESS, raw, (pixels, ids)),
+        preprocess=GraphSpec(PREPROCESS, raw, pre_out),
         image_encoder=GraphSpec(
-            IMAGE_ENCODER, (pixels,), (img_feat,), atol=encoder.atol_image, atol_fp16=fp16
+            IMAGE_ENCODER, (pixels,), img_out, atol=encoder.atol_image, atol_fp16=fp16
         ),
         text_encoder=GraphSpec(
-            TEXT_ENCODER, (ids,), (txt_feat,), atol=encoder.atol_text, atol_fp16=fp16
+            TEXT_ENCODER, (ids,), txt_out, atol=encoder.atol_text, atol_fp16=fp16
         ),
-        head=GraphSpec(HEAD, (img_feat, txt_feat), probs, atol=1e-5, atol_fp16=1e-2),
-        ensemble=GraphSpec(ENSEMBLE, raw, probs),
+        head=head_spec,
+        ensemble=GraphSpec(ENSEMBLE, raw, (*head_spec.outputs, used)),
         tasks=tasks,
+        head_type=head,
+        text_only=text_only,
     )

@@ -4,7 +4,15 @@ Three sources, one per run: the research checkpoints of the paper (one per task;
 come from the checkpoints and must be identical across them), head-only weight files beside
 pretrained encoders, or random weights (tests, offline demos). :func:`load_models` turns a
 source into the encoders and one head per task; every problem with the source is a
-:class:`UsageError` naming the command-line option that caused it.
+:class:`UsageError` naming the command-line option that caused it. :func:`load_weights` gives
+the same and what the heads can answer (:class:`LoadedModels`: the head type, whether posts
+without an image can be answered, and why not).
+
+Head-only files are plain state dicts (the research key names) or the files train/train_head.py
+writes: ``{"state_dict": {...}, "crisis_head": {"head": "guided_ca_diff"|"guided_ca"|"cma_clip",
+"task": T, "modality_dropout": P, "config": {...}, "encoders": ..., "metrics": {...}}}``, read
+with ``torch.load(weights_only=True)`` as every checkpoint. cma_clip heads come only in that
+format (their sizes are in "config").
 
 Example::
 
@@ -23,12 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.spec import ALL_TASKS, DEFAULT_TASKS
+from export.spec import ALL_TASKS, CMA_CLIP, DEFAULT_TASKS, HEAD_TYPES, HEAD_VARIANTS
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from export.checkpoint import ResearchCheckpoint
     from export.encoders import Encoders
     from export.head import GuidedCAHead
+
+# The key of train/train_head.py's head files that holds what the head is (beside "state_dict").
+HEAD_FILE_KEY = "crisis_head"
 
 
 class UsageError(Exception):
@@ -97,23 +111,112 @@ class WeightsSource:
         )
 
 
+@dataclass
+class LoadedModels:
+    """The modules to export and what their heads can answer (docs/text-only.md).
+
+    Attributes:
+        encoders: the image and text towers.
+        heads: task -> head module (GuidedCAHead, or CMAClipHead for cma_clip).
+        provenance: task -> where its head came from.
+        head_type: one of export.spec.HEAD_TYPES.
+        text_only: whether posts without an image can be answered: cma_clip always; the
+            paper's head when every task's head was trained with modality dropout.
+        no_image_reason: why posts without an image are refused ("" when text_only).
+        trained: task -> the head file's "crisis_head" facts (train_head.py files only).
+    """
+
+    encoders: Encoders
+    heads: dict[str, nn.Module]
+    provenance: dict[str, str]
+    head_type: str
+    text_only: bool
+    no_image_reason: str = ""
+    trained: dict[str, dict] = field(default_factory=dict)
+
+
+def no_image_reason(head_type: str, without_dropout: Sequence[str], all_tasks: bool) -> str:
+    """Why a repository of the paper's head refuses posts without an image."""
+    which = "" if all_tasks else f" for {', '.join(without_dropout)}"
+    return (
+        f"this repository's head ({head_type}) was not trained for posts without an image"
+        f"{which}: to answer them, export heads trained with train/train_head.py "
+        "--modality-dropout, or a --head cma_clip head (docs/text-only.md)"
+    )
+
+
+def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, facts) of a head-only file: train_head.py's format ({"state_dict",
+    "crisis_head"}, facts = the "crisis_head" dict) or a plain research state dict (facts None).
+    Read with torch.load(weights_only=True): no code is unpickled.
+
+    Raises:
+        CheckpointError: unreadable, code to unpickle, or neither format.
+    """
+    import pickle
+
+    import torch
+
+    from export.checkpoint import CheckpointError, read_state_dict
+
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+        return read_state_dict(path), None  # its own error message
+    if not (isinstance(obj, dict) and HEAD_FILE_KEY in obj):
+        return read_state_dict(path), None
+    facts, state = obj[HEAD_FILE_KEY], obj.get("state_dict")
+    if not isinstance(facts, dict) or not isinstance(state, dict) or not state:
+        raise CheckpointError(
+            f"{path}: a {HEAD_FILE_KEY!r} file needs a dict {HEAD_FILE_KEY!r} and a non-empty "
+            "dict 'state_dict'"
+        )
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:10]}")
+    if facts.get("head") not in HEAD_TYPES:
+        raise CheckpointError(
+            f"{path}: {HEAD_FILE_KEY}.head is {facts.get('head')!r}, not one of {list(HEAD_TYPES)}"
+        )
+    dropout = facts.get("modality_dropout", 0.0)
+    if not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        raise CheckpointError(
+            f"{path}: {HEAD_FILE_KEY}.modality_dropout must be a number in [0, 1), not {dropout!r}"
+        )
+    return state, facts
+
+
 def load_models(
     source: WeightsSource,
 ) -> tuple[Encoders, dict[str, GuidedCAHead], dict[str, str]]:
     """-> (encoders, heads: dict task -> module, provenance: dict task -> where its head came from).
+
+    :func:`load_weights` gives the same and what the heads can answer.
 
     Raises:
         UsageError: a contradictory source (random weights with files, ``size`` without random
             weights, both checkpoints and head weights, none of the three), an unknown task,
             or weights that do not load (the checkpoint's or encoder's own message).
     """
+    loaded = load_weights(source)
+    return loaded.encoders, loaded.heads, loaded.provenance  # type: ignore[return-value]
+
+
+def load_weights(source: WeightsSource) -> LoadedModels:
+    """The encoders and heads `source` names, and what the heads can answer.
+
+    Raises:
+        UsageError: as load_models; also a head file trained for another task or head type than
+            the one it is given for, heads of different types, cma_clip with research
+            checkpoints or OpenCLIP encoders.
+    """
     from export.checkpoint import (
         CheckpointError,
         format_problems,
         load_head,
         read_checkpoint,
-        read_state_dict,
     )
+    from export.cma_clip import random_cma_clip_head
     from export.encoders import (
         EncoderLoadError,
         hf_encoders,
@@ -131,8 +234,17 @@ def load_models(
         raise UsageError("--size is only for --random-weights (a checkpoint fixes the size)")
     if checkpoints and head_files:
         raise UsageError("use either --checkpoint or --head-weights")
+    if source.head is not None and source.head not in HEAD_TYPES:
+        raise UsageError(f"--head {source.head!r}: known heads are {list(HEAD_TYPES)}")
+    if checkpoints and source.head == CMA_CLIP:
+        raise UsageError(
+            "research checkpoints hold the paper's head; cma_clip heads come from --head-weights "
+            "(train/train_head.py --head cma_clip) or --random-weights"
+        )
     try:
         family, ref, tag = parse_encoders(source.encoders)
+        if source.head == CMA_CLIP and family != "hf":
+            raise UsageError("cma_clip needs Hugging Face CLIP encoders (--encoders hf:...)")
         if source.random_weights:
             tasks = source.tasks or DEFAULT_TASKS
             bad = [t for t in tasks if t not in ALL_TASKS]
@@ -143,13 +255,14 @@ def load_models(
             else:
                 enc = hf_encoders(ref, True, source.size, seed=source.seed)
             variant = source.head or "guided_ca_diff"
-            heads = {
-                t: random_head(
-                    enc.config.image_dim, enc.config.text_dim, t, variant, seed=source.seed + 1 + i
-                )
+            dims = (enc.config.image_dim, enc.config.text_dim)
+            heads: dict[str, nn.Module] = {
+                t: random_cma_clip_head(*dims, t, seed=source.seed + 1 + i)
+                if variant == CMA_CLIP
+                else random_head(*dims, t, variant, seed=source.seed + 1 + i)
                 for i, t in enumerate(tasks)
             }
-            return enc, heads, {t: f"random ({variant})" for t in tasks}
+            return _loaded(enc, heads, {t: f"random ({variant})" for t in tasks}, variant, {})
         if checkpoints:
             if family != "hf":
                 raise UsageError("research checkpoints hold Hugging Face CLIP towers: use hf:...")
@@ -172,7 +285,12 @@ def load_models(
                 )
                 for t, c in cks.items()
             }
-            return enc, heads, {t: f"{c.path} ({source.head or c.variant})" for t, c in cks.items()}
+            variants = {source.head or c.variant for c in cks.values()}
+            if len(variants) > 1:
+                raise UsageError(f"the checkpoints hold different heads {sorted(variants)}: "
+                                 "one export serves one head type (--head picks one)")  # fmt: skip
+            provenance = {t: f"{c.path} ({source.head or c.variant})" for t, c in cks.items()}
+            return _loaded(enc, heads, provenance, variants.pop(), {})
         if not head_files:
             raise UsageError(
                 "no weights: give --checkpoint TASK=PATH, --head-weights TASK=PATH "
@@ -183,19 +301,106 @@ def load_models(
         else:
             enc = hf_encoders(ref, False, None)
         heads = {}
+        trained: dict[str, dict] = {}
+        kinds: dict[str, str] = {}
         for t, path in head_files.items():
-            state = read_state_dict(path)
-            variant = source.head or (
-                "guided_ca_diff"
-                if any(k.startswith("multihead_diffattn.") for k in state)
-                else "guided_ca"
+            state, facts = read_head_file(path)
+            kinds[t] = _head_kind(source, t, path, state, facts)
+            if facts is not None:
+                trained[t] = facts
+            if kinds[t] == CMA_CLIP:
+                heads[t] = _load_cma_clip(state, facts, t, enc, path)
+            else:
+                heads[t] = load_head(
+                    state, t, enc.config.image_dim, enc.config.text_dim, kinds[t], str(path)
+                )
+        if len(set(kinds.values())) > 1:
+            raise UsageError(
+                f"--head-weights: heads of different types {kinds}: one export serves one head type"
             )
-            heads[t] = load_head(
-                state, t, enc.config.image_dim, enc.config.text_dim, variant, str(path)
-            )
-        return enc, heads, {t: str(p) for t, p in head_files.items()}
+        provenance = {t: f"{p} ({kinds[t]})" for t, p in head_files.items()}
+        return _loaded(enc, heads, provenance, next(iter(kinds.values())), trained)
     except (CheckpointError, EncoderLoadError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+
+
+def _head_kind(
+    source: WeightsSource, task: str, path: Path, state: dict, facts: dict | None
+) -> str:
+    """The head type of one head file: --head, else what the file says, else (plain research
+    state dicts) the paper's variant its keys show. A file trained for another task or head type
+    than it is given for is refused."""
+    if facts is not None:
+        if facts.get("task") not in (None, task):
+            raise UsageError(
+                f"--head-weights {task}={path}: the file holds a head trained for "
+                f"{facts.get('task')}, not {task}"
+            )
+        if source.head is not None and facts["head"] != source.head:
+            raise UsageError(
+                f"--head {source.head}: {path} holds a {facts['head']} head (drop --head, or give "
+                f"a {source.head} head file)"
+            )
+        return str(facts["head"])
+    if source.head == CMA_CLIP:
+        raise UsageError(
+            f"--head-weights {task}={path}: a plain state dict; cma_clip heads are read from "
+            f"train/train_head.py's files (with their {HEAD_FILE_KEY!r} facts: the head's sizes)"
+        )
+    if source.head is not None:
+        return source.head
+    return (
+        HEAD_VARIANTS[0]
+        if any(k.startswith("multihead_diffattn.") for k in state)
+        else HEAD_VARIANTS[1]
+    )
+
+
+def _load_cma_clip(
+    state: dict[str, torch.Tensor], facts: dict | None, task: str, enc: Encoders, path: Path
+) -> nn.Module:
+    """A CMAClipHead of the file's config, loaded strictly, checked against the encoders' widths."""
+    from export.checkpoint import CheckpointError, format_problems
+    from export.cma_clip import CMAClipConfig, CMAClipHead
+    from export.encoders import strict_load
+    from export.spec import LABELS
+
+    raw = (facts or {}).get("config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: {HEAD_FILE_KEY}.config (the head's sizes) is missing")
+    try:
+        cfg = CMAClipConfig(**raw)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: {HEAD_FILE_KEY}.config: {exc}") from None
+    want = (enc.config.image_dim, enc.config.text_dim, len(LABELS[task]))
+    if (cfg.image_dim, cfg.text_dim, cfg.num_classes) != want:
+        raise CheckpointError(
+            f"{path}: a cma_clip head for token widths {cfg.image_dim}/{cfg.text_dim} and "
+            f"{cfg.num_classes} classes; these encoders give {want[0]}/{want[1]} and {task} has "
+            f"{want[2]} classes"
+        )
+    head = CMAClipHead(cfg)
+    problems = strict_load(head, state, "")
+    if problems:
+        raise CheckpointError(format_problems(str(path), problems, CMA_CLIP))
+    return head.eval()
+
+
+def _loaded(
+    enc: Encoders,
+    heads: dict[str, nn.Module],
+    provenance: dict[str, str],
+    head_type: str,
+    trained: dict[str, dict],
+) -> LoadedModels:
+    """What the heads can answer: cma_clip every post; the paper's head posts without an image
+    only when every task's head was trained with modality dropout."""
+    if head_type == CMA_CLIP:
+        enc.token_encoders()  # OpenCLIP encoders: refused with the reason (EncoderLoadError)
+        return LoadedModels(enc, heads, provenance, head_type, True, "", trained)
+    without = [t for t in heads if not trained.get(t, {}).get("modality_dropout", 0.0)]
+    reason = no_image_reason(head_type, without, len(without) == len(heads)) if without else ""
+    return LoadedModels(enc, heads, provenance, head_type, not without, reason, trained)
 
 
 def _check_same_encoders(cks: dict[str, ResearchCheckpoint]) -> None:

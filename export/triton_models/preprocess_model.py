@@ -4,7 +4,10 @@ pixel_values and input_ids. No torch.
 All the logic is in `crisis_preprocess.py` (a verbatim copy of export/preprocess.py, the same code
 the in-process paths run) and its parameters in `preprocess.json`, both beside this file. Inputs and
 outputs are taken from config.pbtxt in the order export/triton_config.py writes them: inputs (image,
-text, caption), outputs (pixels, token ids). Each request is decoded in its own try block: a bad
+text, caption), outputs (pixels, token ids, modalities used, and image_present where the head takes
+it). The image is optional: a post without one gets zero pixels and image_present 0 where the
+served head answers text-only posts (preprocess.json `image_optional`), else an INVALID_ARG error
+that says why (docs/text-only.md). Each request is decoded in its own try block: a bad
 request gets an INVALID_ARG error naming the problem and the others in the batch are answered.
 
 Every refused post is counted in the custom metric `crisis_rejected_posts_total{reason=...}` (the
@@ -26,7 +29,8 @@ from crisis_preprocess import (
     TextPreprocessor,
     compose_text,
     decode_utf8,
-    preprocess_image,
+    modalities_used,
+    preprocess_post_image,
 )
 
 
@@ -37,7 +41,9 @@ class TritonPythonModel:
         self.spec = PreprocessSpec.from_json((here / "preprocess.json").read_text())
         self.text = TextPreprocessor(self.spec, assets_dir=here)
         self.image_name, self.text_name, self.caption_name = (t["name"] for t in config["input"])
-        self.pixels_name, self.ids_name = (t["name"] for t in config["output"])
+        outputs = [t["name"] for t in config["output"]]
+        self.pixels_name, self.ids_name, self.used_name = outputs[:3]
+        self.present_name = outputs[3] if len(outputs) > 3 else None
         # Every reason's series exists (at 0) from the start: rates and alerts see the first one.
         self.rejected_family = pb_utils.MetricFamily(
             name=REJECTED_POSTS_METRIC,
@@ -64,9 +70,11 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"{REJECTED_POSTS_METRIC}: not counted: {exc}")
 
     def _rows(self, request):
-        """(pixels [n, 3, S, S], texts [n]) of one request, or PreprocessError."""
-        images = pb_utils.get_input_tensor_by_name(request, self.image_name).as_numpy()
+        """(pixels [n, 3, S, S], texts [n], image_present [n, 1]) of one request, or
+        PreprocessError."""
         texts = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
+        image_tensor = pb_utils.get_input_tensor_by_name(request, self.image_name)
+        images = image_tensor.as_numpy() if image_tensor is not None else [None] * len(texts)
         caption_tensor = pb_utils.get_input_tensor_by_name(request, self.caption_name)
         captions = caption_tensor.as_numpy() if caption_tensor is not None else None
         if len(images) != len(texts) or (captions is not None and len(captions) != len(texts)):
@@ -74,11 +82,14 @@ class TritonPythonModel:
                 "image, text and caption must have the same batch size",
                 reason=RejectReason.BATCH_MISMATCH,
             )
-        pixels, composed = [], []
+        pixels, composed, present = [], [], []
         for i in range(len(images)):
             where = f" (row {i})" if len(images) > 1 else ""
             try:
-                pixels.append(preprocess_image(bytes(images[i, 0]), self.spec))
+                image = bytes(images[i][0]) if images[i] is not None else None
+                row_pixels, row_present = preprocess_post_image(image, self.spec)
+                pixels.append(row_pixels)
+                present.append([row_present])
                 tweet = decode_utf8(bytes(texts[i, 0]), "text")
                 caption = (
                     decode_utf8(bytes(captions[i, 0]), "caption") if captions is not None else None
@@ -86,7 +97,7 @@ class TritonPythonModel:
             except PreprocessError as exc:
                 raise PreprocessError(f"{exc}{where}", reason=exc.reason) from None
             composed.append(compose_text(tweet, caption, self.spec))
-        return np.stack(pixels), composed
+        return np.stack(pixels), composed, np.array(present, dtype=np.float32)
 
     def execute(self, requests):
         results = []
@@ -102,21 +113,24 @@ class TritonPythonModel:
                     pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}: {exc}")
                 )
         good = [r for r in results if not isinstance(r, pb_utils.TritonError)]
-        ids = self.text([t for _, texts in good for t in texts]) if good else None
+        ids = self.text([t for _, texts, _ in good for t in texts]) if good else None
         responses, start = [], 0
         for result in results:
             if isinstance(result, pb_utils.TritonError):
                 responses.append(pb_utils.InferenceResponse(error=result))
                 continue
-            pixels, texts = result
+            pixels, texts, present = result
             n = len(texts)
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor(self.pixels_name, pixels),
-                        pb_utils.Tensor(self.ids_name, ids[start : start + n]),
-                    ]
-                )
-            )
+            row_ids = ids[start : start + n]
+            tensors = [
+                pb_utils.Tensor(self.pixels_name, pixels),
+                pb_utils.Tensor(self.ids_name, row_ids),
+                pb_utils.Tensor(
+                    self.used_name, modalities_used(present, row_ids, self.text.eos_id)
+                ),
+            ]
+            if self.present_name is not None:
+                tensors.append(pb_utils.Tensor(self.present_name, present))
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses

@@ -1,0 +1,354 @@
+"""Issue 16, serving: the cma_clip head and text-only posts against the real tritonserver.
+
+- a tiny cma_clip export (random weights) served: probabilities AND modality weights equal the
+  PyTorch forward (<= 1e-4), with an image and without one (the image masked: image_present 0);
+  posts with and without an image batched together keep their own answers;
+- the paper's head without modality dropout (tests/conftest.py's tiny_repo) refuses a text-only
+  post with the error that says why; a head file trained with modality dropout answers it equal
+  to its forward with zeroed image features;
+- image-only posts (empty text) are answered by every head; the answer says which modalities
+  were used; the CLI's --no-image shows it and the modality weights;
+- the export refuses what it does not verify for cma_clip (reduced precisions, other flavours).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.triton_client import raw_outputs
+from deploy.server import EmbeddedServer, free_port
+from export.names import (
+    IMAGE_INPUT,
+    MODALITIES_USED,
+    TEXT_INPUT,
+    modality_weights_name,
+    probs_name,
+)
+from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
+
+TASKS = ("task1", "task2", "task3")
+CMA_ARGS = (*TINY_EXPORT_ARGS, "--head", "cma_clip")
+ATOL = 1e-4  # the issue's bound: the served answer vs the PyTorch forward
+
+Reference = Callable[[bytes | None, str, str | None], dict[str, np.ndarray]]
+
+
+def make_image(seed: int, size: tuple[int, int] = (120, 90)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def serve(repo: Path):
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    return EmbeddedServer(repo, timeout=240, **ports)
+
+
+def names_of(tasks: tuple[str, ...], weights: bool) -> list[str]:
+    out = [probs_name(t) for t in tasks] + [MODALITIES_USED]
+    return out + [modality_weights_name(t) for t in tasks] * weights
+
+
+def served(url: str, image: bytes | None, text: str, names: list[str], caption=None) -> dict:
+    import tritonclient.http as http
+
+    return raw_outputs(http, url, image, text, caption, names)
+
+
+def assert_close(got: dict, want: dict, names: list[str]) -> None:
+    for n in names:
+        assert got[n].shape == want[n].shape, n
+        assert np.abs(got[n] - want[n]).max() <= ATOL, (n, got[n], want[n])
+
+
+# ------------------------------------------------------------------------------------ cma_clip
+
+
+@pytest.fixture(scope="module")
+def cma_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cma_repo")
+    assert run_export(*CMA_ARGS, "--out", str(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cma_reference() -> Reference:
+    """The PyTorch forward of the modules cma_repo was exported from: the encoders' token
+    sequences into every task's CMAClipHead, image_present 0 (zero pixels) without an image."""
+    import torch
+
+    from export.export import build_parser
+    from export.preprocess import Preprocessor, PreprocessSpec
+    from export.weights import WeightsSource, load_weights
+
+    loaded = load_weights(
+        WeightsSource.from_args(build_parser().parse_args([*CMA_ARGS, "--out", "x"]))
+    )
+    enc, heads = loaded.encoders, loaded.heads
+    pre = Preprocessor(PreprocessSpec(image_optional=True))
+
+    def run(image: bytes | None, text: str, caption: str | None = None) -> dict[str, np.ndarray]:
+        p = pre.encode([image], [text], [caption])
+        with torch.no_grad():
+            img = enc.image_tokens(torch.from_numpy(p.pixels))
+            txt, mask = enc.text_tokens(torch.from_numpy(p.input_ids))
+            present = torch.from_numpy(p.image_present)
+            out = {MODALITIES_USED: p.modalities_used[0]}
+            for t in TASKS:
+                probs, weights = heads[t](img, txt, mask, present)
+                out[probs_name(t)] = probs[0].numpy()
+                out[modality_weights_name(t)] = weights[0].numpy()
+        return out
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def cma_server(cma_repo: Path):
+    with serve(cma_repo) as srv:
+        yield srv
+
+
+POSTS = [
+    (make_image(1), "RT Flood waters rising in #Houston https://t.co/abc", None),
+    (make_image(2, (60, 200)), "Bridge collapsed on the highway", "cars under water"),
+    (None, "Volunteers bring water to the shelter #HurricaneMaria", None),
+    (None, "RT only a link https://t.co/x", "people carry boxes"),
+    (make_image(3), "", None),  # image-only: empty text
+]
+
+
+def test_cma_clip_repository_declares_the_token_graphs(cma_repo: Path) -> None:
+    report = json.loads((cma_repo / "export_report.json").read_text())
+    assert report["passed"] and report["head"] == "cma_clip" and report["text_only"]
+    outputs = {o["name"] for g in report["graphs"] for o in g["outputs"]}
+    assert {"image_tokens", "text_tokens", "text_mask"} <= outputs
+    e2e = report["end_to_end"]
+    assert e2e["passed"] and e2e["top1_same"] and e2e["without_image"]["top1_same"]
+    assert max(e2e["without_image"]["max_abs_diff"].values()) <= ATOL
+    pre = json.loads((cma_repo / "preprocess" / "1" / "preprocess.json").read_text())
+    assert pre["image_optional"] is True
+
+
+def test_served_cma_clip_equals_its_pytorch_forward(cma_server, cma_reference) -> None:
+    names = names_of(TASKS, weights=True)
+    for image, text, caption in POSTS:
+        got = served(cma_server.url_http, image, text, names, caption)
+        want = cma_reference(image, text, caption)
+        assert_close(got, want, names)
+        assert got[MODALITIES_USED][0] == (0.0 if image is None else 1.0)
+        for t in TASKS:
+            w = got[modality_weights_name(t)]
+            assert abs(float(w.sum()) - 1.0) <= 1e-5
+            if image is None:
+                assert float(w[0]) == 0.0  # the masked image weighs exactly nothing
+
+
+def test_modalities_used_say_what_went_into_the_answer(cma_server) -> None:
+    names = [MODALITIES_USED]
+    url = cma_server.url_http
+    assert list(served(url, make_image(4), "flood", names)[MODALITIES_USED]) == [1.0, 1.0]
+    assert list(served(url, None, "flood", names)[MODALITIES_USED]) == [0.0, 1.0]
+    assert list(served(url, make_image(4), "", names)[MODALITIES_USED]) == [1.0, 0.0]
+    # a link eats the rest of its line: nothing of the text is left after cleaning
+    assert list(served(url, make_image(4), "https://t.co/x", names)[MODALITIES_USED]) == [1.0, 0.0]
+
+
+def test_text_only_and_image_posts_batched_together_keep_their_answers(cma_server) -> None:
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    names = names_of(TASKS, weights=True)
+    posts = [
+        (make_image(50 + i) if i % 2 else None, f"post {i} about the storm") for i in range(24)
+    ]
+    alone = [served(cma_server.url_http, img, text, names) for img, text in posts]
+
+    def send(i: int) -> dict:
+        module, url = (http, cma_server.url_http) if i % 3 else (grpc, cma_server.url_grpc)
+        return raw_outputs(module, url, posts[i][0], posts[i][1], None, names)
+
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(send, range(24)))
+    for a, b in zip(alone, together):
+        for n in names:
+            assert np.abs(a[n] - b[n]).max() <= 1e-6, n
+    stats = http.InferenceServerClient(cma_server.url_http).get_inference_statistics("fusion_head")
+    assert max(b["batch_size"] for b in stats["model_stats"][0]["batch_stats"]) > 1
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "client" / "classify.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_no_image_shows_modalities_and_weights(cma_server, cma_reference) -> None:
+    text = "Roads flooded near the river #harvey"
+    done = run_cli("--no-image", text, "--json", "--url", cma_server.url_http)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    want = cma_reference(None, text, None)
+    assert sorted(answer) == sorted(TASKS)
+    for t in TASKS:
+        assert answer[t]["modalities_used"] == ["text"]
+        weights = answer[t]["modality_weights"]
+        assert weights["image"] == 0.0
+        assert abs(weights["text"] - float(want[modality_weights_name(t)][1])) <= 1e-5
+    done = run_cli("--no-image", text, "--url", cma_server.url_http)
+    assert done.returncode == 0, done.stderr
+    assert "modalities used: text" in done.stdout
+    assert done.stdout.count("modality weights: image 0.0000  text 1.0000") == len(TASKS)
+
+
+def test_cli_no_image_usage_errors() -> None:
+    assert run_cli("--no-image", "a.jpg", "text").returncode == 2
+    assert run_cli("--no-image").returncode == 2
+
+
+# ------------------------------------------------------------------- the paper's head, text-only
+
+
+def test_paper_head_without_modality_dropout_refuses_text_only_saying_why(tiny_repo: Path) -> None:
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    with serve(tiny_repo) as srv:
+        with pytest.raises(InferenceServerException) as caught:
+            served(srv.url_http, None, "Roads flooded", [probs_name("task1")])
+        message = str(caught.value)
+        assert "no image" in message
+        assert "head (guided_ca_diff) was not trained for posts without an image" in message
+        assert "--modality-dropout" in message and "cma_clip" in message
+        # the CLI says it in one line, exit 6 (the server rejected the post)
+        done = run_cli("--no-image", "Roads flooded", "--url", srv.url_http)
+        assert done.returncode == 6 and "--modality-dropout" in done.stderr
+        # image-only posts (empty text) are answered, and the server stays ready
+        got = served(srv.url_http, make_image(7), "", [probs_name("task1"), MODALITIES_USED])
+        assert list(got[MODALITIES_USED]) == [1.0, 0.0]
+        assert http.InferenceServerClient(srv.url_http).is_model_ready("crisis_classifier")
+    pre = json.loads((tiny_repo / "preprocess" / "1" / "preprocess.json").read_text())
+    assert pre["image_optional"] is False
+
+
+@pytest.fixture(scope="module")
+def dropout_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(local tiny CLIP folder, head file in train_head.py's format, trained with modality
+    dropout 0.3) for the paper's guided_ca_diff head."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from export.head import random_head
+    from export.spec import load_encoder_config
+
+    folder = tmp_path_factory.mktemp("dropout")
+    torch.manual_seed(11)
+    CLIPModel(CLIPConfig(**load_encoder_config("hf-clip-tiny").hf_config)).save_pretrained(
+        folder / "clip"
+    )
+    head = random_head(64, 48, "task1", "guided_ca_diff", seed=12)
+    facts = {"head": "guided_ca_diff", "task": "task1", "modality_dropout": 0.3, "config": {}}
+    path = folder / "head_task1.pt"
+    torch.save({"state_dict": head.state_dict(), "crisis_head": facts}, path)
+    return folder / "clip", path
+
+
+def test_paper_head_trained_with_modality_dropout_answers_text_only(
+    dropout_head: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import torch
+
+    from export.head import build_multitask_head
+    from export.preprocess import Preprocessor, PreprocessSpec
+    from export.weights import WeightsSource, load_weights
+
+    clip, head_file = dropout_head
+    args = ("--encoders", f"hf:{clip}", "--head-weights", f"task1={head_file}")
+    assert run_export(*args, "--out", str(tmp_path / "repo")) == 0
+    loaded = load_weights(WeightsSource(head_weights={"task1": head_file}, encoders=f"hf:{clip}"))
+    assert loaded.text_only and loaded.head_type == "guided_ca_diff"
+    head = loaded.heads["task1"]
+    pre = Preprocessor(PreprocessSpec(image_optional=True))
+    posts = [(make_image(21), "Bridge collapsed"), (None, "Bridge collapsed"), (None, "")]
+    names = [probs_name("task1"), MODALITIES_USED]
+    with serve(tmp_path / "repo") as srv:
+        for image, text in posts:
+            got = served(srv.url_http, image, text, names)
+            p = pre.encode([image], [text])
+            with torch.no_grad():
+                x_img = loaded.encoders.image(torch.from_numpy(p.pixels))
+                if image is None:
+                    x_img = torch.zeros_like(x_img)  # modality dropout: zeroed image features
+                x_txt = loaded.encoders.text(torch.from_numpy(p.input_ids))
+                want = torch.softmax(head(x_img, x_txt), dim=-1)[0].numpy()
+            assert np.abs(got[probs_name("task1")] - want).max() <= ATOL, (image is None, text)
+            assert list(got[MODALITIES_USED]) == list(p.modalities_used[0])
+    # the multi-task graph with image_present 1 is the plain head, with 0 the zeroed features
+    multi = build_multitask_head(loaded.heads, ("task1",), text_only=True)
+    x = torch.randn(3, 64), torch.randn(3, 48)
+    with torch.no_grad():
+        (on,) = multi(*x, torch.ones(3, 1))
+        (off,) = multi(*x, torch.zeros(3, 1))
+        assert torch.equal(on, torch.softmax(head(*x), -1))
+        assert torch.equal(off, torch.softmax(head(torch.zeros(3, 64), x[1]), -1))
+
+
+# ---------------------------------------------------------------------------- export refusals
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (("--precision", "int8"), "fp32 only"),
+        (("--backend", "tensorrt"), "python or onnxruntime flavours"),
+        (("--backend", "openvino", "--precision", "bf16"), "fp32 only"),
+    ],
+)
+def test_export_refuses_what_it_does_not_verify_for_cma_clip(
+    extra: tuple[str, ...], says: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_export(*CMA_ARGS, *extra, "--out", str(tmp_path / "r")) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_export_refuses_cma_clip_from_research_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = run_export("--checkpoint", f"task1={tmp_path / 'best.pt'}", "--head", "cma_clip",
+                      "--out", str(tmp_path / "r"))  # fmt: skip
+    assert code == 2
+    assert "cma_clip heads come from --head-weights" in capsys.readouterr().err
+
+
+def test_head_file_for_another_task_is_refused(
+    dropout_head: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    clip, head_file = dropout_head
+    code = run_export("--encoders", f"hf:{clip}", "--head-weights", f"task3={head_file}",
+                      "--out", str(tmp_path / "r"))  # fmt: skip
+    assert code == 2
+    assert "trained for task1, not task3" in capsys.readouterr().err
+
+
+def test_ensemble_takes_image_as_optional(cma_repo: Path, tiny_repo: Path) -> None:
+    from export.triton_config import parse_pbtxt
+
+    for repo in (cma_repo, tiny_repo):
+        config = parse_pbtxt((repo / "crisis_classifier" / "config.pbtxt").read_text())
+        inputs = {t.name: t.optional for t in config.input}
+        assert inputs[IMAGE_INPUT] and not inputs[TEXT_INPUT]
