@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -44,10 +45,12 @@ def client_host(address: str) -> str:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_request(method: str, url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
+def http_request(
+    method: str, url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None
+) -> tuple[int, bytes] | None:
     """(status, body) of a request, or None when nothing answers."""
     data = b"{}" if method == "POST" else None
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
     try:
         with _OPENER.open(request, timeout=timeout) as response:
             return int(response.status), response.read()

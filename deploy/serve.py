@@ -5,6 +5,15 @@
 Checks the repository (exit 2 if the embedded server cannot serve it), starts tritonserver,
 prints one line once the model is ready, then serves until Ctrl-C or SIGTERM and shuts the
 server down cleanly (exit 0). A start-up failure prints the failed model's error (exit 1).
+
+    python deploy/serve.py --model-repository DIR --address 0.0.0.0 --tls-cert CRT --tls-key KEY
+
+serves the same ports through nginx (deploy/front.py): HTTPS and gRPC over TLS, a request-body
+cap from the repository's limits, a limit of requests in flight; tritonserver listens on loopback
+behind it. ``--front``: the same front without TLS. Triton's repository, shared-memory, logging
+and trace APIs answer only requests carrying the admin key (``--admin-key``, ``--admin-key-file``,
+else one generated and printed once to stderr). ``-- FLAGS`` passes more flags to tritonserver,
+except those the launcher sets (listed by ``--help``). docs/security.md.
 """
 
 from __future__ import annotations
@@ -24,17 +33,33 @@ if importlib.util.find_spec("deploy") is None:  # `python deploy/serve.py`, proj
         f"({sys.executable}): run `pip install -e '.[server]'` in the repository root"
     )
 
+from deploy.front import (
+    MAX_CONNECTIONS,
+    FrontConfig,
+    FrontError,
+    NginxFront,
+    find_nginx,
+    front_limits,
+)
+from deploy.net import client_host, free_port, port_in_use
 from deploy.server import (
+    ADMIN_KEY_HEADER,
     DEFAULT_CACHE_MB,
     DEFAULT_MODEL,
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
+    REFUSED_FLAGS,
+    RESTRICTED_APIS,
     EmbeddedServer,
     RepositoryError,
     ServerStartError,
     TritonNotFoundError,
+    admin_metadata,
+    check_admin_key,
     check_repository,
+    new_admin_key,
+    refused_extra_args,
     shm_warning,
 )
 
@@ -62,9 +87,33 @@ def _mebibytes(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, not {text!r}")
+    return value
+
+
+def _refused_flags_help() -> str:
+    by_reason: dict[str, list[str]] = {}
+    for flag, why in REFUSED_FLAGS.items():
+        by_reason.setdefault(why, []).append(flag)
+    lines = [f"  {', '.join(flags)}: {why}" for why, flags in by_reason.items()]
+    return (
+        "tritonserver flags after `--` are passed through (e.g. `-- --log-verbose 1`), except "
+        "these, which serve.py sets (their abbreviations too):\n" + "\n".join(lines)
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Serve a model repository with the embedded tritonserver."
+        prog=PROG,
+        description="Serve a model repository with the embedded tritonserver.",
+        epilog=_refused_flags_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-repository", required=True, type=Path, metavar="DIR")
     parser.add_argument("--address", default="127.0.0.1", help="bind address (127.0.0.1)")
@@ -103,6 +152,50 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also copy tritonserver's log to stderr (in a container: what `logs` shows)",
     )
+    front = parser.add_argument_group(
+        "front (deploy/front.py, nginx; docs/security.md)",
+        "nginx answers --http-port and --grpc-port on --address, tritonserver listens on "
+        "loopback behind it; metrics stay plain on --metrics-port",
+    )
+    front.add_argument("--tls-cert", type=Path, metavar="CRT", help="HTTPS and gRPC over TLS: "
+                       "the certificate chain (PEM); needs --tls-key")  # fmt: skip
+    front.add_argument("--tls-key", type=Path, metavar="KEY", help="its private key (PEM)")
+    front.add_argument(
+        "--front",
+        action="store_true",
+        help="the same front without TLS (plain HTTP, h2c gRPC): the body cap and the limits",
+    )
+    front.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        metavar="N",
+        help="the front's request-body cap (default: from the repository's preprocess.json, "
+        "one post per request)",
+    )
+    front.add_argument(
+        "--max-connections",
+        type=_positive,
+        metavar="N",
+        help=f"requests in flight at once through the front; one more gets 503 ({MAX_CONNECTIONS})",
+    )
+    admin = parser.add_argument_group(
+        "restricted APIs",
+        f"Triton's {', '.join(RESTRICTED_APIS)} APIs answer only requests with the header "
+        f"'{ADMIN_KEY_HEADER}: KEY' (gRPC metadata '{next(iter(admin_metadata('x' * 16)))}')",
+    ).add_mutually_exclusive_group()
+    admin.add_argument(
+        "--admin-key",
+        metavar="KEY",
+        help="the operator key (default: a random one, printed once to stderr)",
+    )
+    admin.add_argument(
+        "--admin-key-file",
+        type=Path,
+        metavar="FILE",
+        help="read the operator key from FILE (e.g. a mounted secret)",
+    )
+    parser.add_argument("triton_args", nargs="*", metavar="-- TRITON_FLAG",
+                        help="more tritonserver flags, after `--`")  # fmt: skip
     return parser
 
 
@@ -110,8 +203,66 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> str:
+    """Flag combinations argparse cannot check (exit 2 with the reason); the admin key."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            parser.error(f"TLS file {path} does not exist")
+    if not _front_on(args):
+        for flag, value in (("--max-body-bytes", args.max_body_bytes),
+                            ("--max-connections", args.max_connections)):  # fmt: skip
+            if value is not None:
+                parser.error(f"{flag} is a limit of the front: add --front or --tls-cert")
+    if args.triton_args and "--" not in argv:
+        parser.error(f"unrecognized arguments: {' '.join(args.triton_args)} (tritonserver "
+                     "flags go after `--`)")  # fmt: skip
+    refused = refused_extra_args(args.triton_args)
+    if refused:
+        parser.error(
+            "these tritonserver flags cannot be passed through: "
+            + "; ".join(f"{name}: {why}" for name, why in refused.items())
+        )
+    key = args.admin_key
+    if args.admin_key_file is not None:
+        try:
+            key = args.admin_key_file.read_text().strip()
+        except OSError as exc:
+            parser.error(f"--admin-key-file: {exc.strerror}: {args.admin_key_file}")
+    if key is None:
+        return new_admin_key()
+    try:
+        return check_admin_key(key)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _front_on(args: argparse.Namespace) -> bool:
+    return bool(args.front or args.tls_cert is not None)
+
+
+def _ready_line(args: argparse.Namespace, server: EmbeddedServer, front: NginxFront | None) -> str:
+    ready = f"(ready in {server.ready_seconds or 0.0:.1f} s)"
+    metrics = f"metrics http://{server.url_metrics}/metrics"
+    if front is None:
+        return f"{args.model} ready on http://{server.url_http} grpc {server.url_grpc} " + (
+            f"{metrics} {ready}"
+        )
+    host, cfg = client_host(args.address), front.config
+    http, grpc = ("https://", "grpcs://") if cfg.tls else ("http://", "grpc ")
+    return (
+        f"{args.model} ready on {http}{host}:{cfg.http_port} {grpc}{host}:{cfg.grpc_port} "
+        f"{metrics} {ready[:-1]}; front: body cap {cfg.limits.max_body_bytes} bytes, "
+        f"{cfg.limits.max_connections} requests in flight)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    admin_key = _check_flags(parser, args, argv)
     try:
         names = check_repository(args.model_repository)
         if args.model not in names:
@@ -126,19 +277,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"{exc} (Python: {sys.executable}); install the project: pip install -e '.[server]'")
         return 1
 
+    front_config: FrontConfig | None = None
+    if _front_on(args):
+        try:
+            limits = front_limits(
+                args.model_repository,
+                max_body_bytes=args.max_body_bytes,
+                max_connections=args.max_connections or MAX_CONNECTIONS,
+            )
+        except (OSError, ValueError) as exc:
+            _error(f"cannot derive the front's body cap from {args.model_repository} ({exc}); "
+                   "give --max-body-bytes")  # fmt: skip
+            return 2
+        try:
+            find_nginx()
+        except FrontError as exc:
+            _error(str(exc))
+            return 1
+        for port in (args.http_port, args.grpc_port):
+            if port_in_use(args.address, port):
+                _error(f"port {port} on {args.address or '0.0.0.0'} is already in use; "
+                       "choose other ports")  # fmt: skip
+                return 1
+        # Triton on loopback-only ports, behind the front (free now; Triton binds them next).
+        front_config = FrontConfig(
+            args.address, args.http_port, args.grpc_port, free_port(), free_port(), limits,
+            args.tls_cert, args.tls_key,
+        )  # fmt: skip
     server = EmbeddedServer(
         args.model_repository,
-        address=args.address,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
+        address=args.address if front_config is None else front_config.upstream_host,
+        http_port=args.http_port if front_config is None else front_config.upstream_http_port,
+        grpc_port=args.grpc_port if front_config is None else front_config.upstream_grpc_port,
         metrics_port=args.metrics_port,
+        metrics_address=args.address,
         model=args.model,
         log_file=args.log_file,
         timeout=args.timeout,
         echo_log=args.echo_log,
         poll_seconds=args.poll_seconds,
         cache_mb=args.cache_mb,
+        admin_key=admin_key,
+        extra_args=args.triton_args,
     )
+    front = None if front_config is None else NginxFront(front_config, echo_log=args.echo_log)
     if (warning := shm_warning()) is not None:
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGINT, _on_signal)
@@ -146,23 +328,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             server.start()
-        except (ServerStartError, TritonNotFoundError, RepositoryError, OSError) as exc:
+            if front is not None:
+                front.start()
+        except (ServerStartError, TritonNotFoundError, RepositoryError, FrontError, OSError) as exc:
             _error(exc.summary() if isinstance(exc, ServerStartError) else str(exc))
             return 1
         if server.cache_warning is not None:
             print(f"{PROG}: warning: {server.cache_warning}", file=sys.stderr, flush=True)
-        print(
-            f"{args.model} ready on http://{server.url_http} grpc {server.url_grpc} "
-            f"metrics http://{server.url_metrics}/metrics "
-            f"(ready in {server.ready_seconds or 0.0:.1f} s)",
-            flush=True,
-        )
+        print(_ready_line(args, server, front), flush=True)
+        if args.admin_key is None and args.admin_key_file is None:
+            print(
+                f"{PROG}: admin key of the restricted APIs ({', '.join(RESTRICTED_APIS)}; "
+                f"header '{ADMIN_KEY_HEADER}'), generated for this run: {admin_key}",
+                file=sys.stderr,
+                flush=True,
+            )
         while (returncode := server.poll()) is None:
+            if front is not None and (front_code := front.poll()) is not None:
+                front.stop(keep=True)
+                _error(f"nginx (the front) exited unexpectedly with code {front_code}: "
+                       f"{front.log_tail(5)}")  # fmt: skip
+                return 1
             time.sleep(0.5)
         server.stop(keep_log=True)
         _error(f"tritonserver exited unexpectedly with code {returncode} (log: {server.log_file})")
         return 1
     except _Shutdown:
+        if front is not None:
+            front.stop()  # first: no new requests, those in flight finish
         returncode = server.stop()
         # -SIGTERM: stopped while still loading models (before Triton handles signals).
         if returncode not in (0, -signal.SIGTERM, None):
@@ -170,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     finally:
+        if front is not None:
+            front.stop()
         server.stop()
 
 

@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -65,6 +66,7 @@ from deploy.tritonserver_install import (
 )
 
 __all__ = [
+    "ADMIN_KEY_HEADER",
     "DEFAULT_MODEL",
     "GRPC_PORT",
     "HTTP_PORT",
@@ -73,13 +75,19 @@ __all__ = [
     "METRICS_PORT",
     "POLICY_ARGS",
     "READY_PATH",
+    "REFUSED_FLAGS",
+    "RESTRICTED_APIS",
     "STOP_TIMEOUT",
     "EmbeddedServer",
     "RepositoryError",
     "ServerStartError",
     "TritonNotFoundError",
+    "admin_metadata",
+    "check_admin_key",
+    "check_extra_args",
     "check_repository",
     "exit_timeout_secs",
+    "new_admin_key",
     "shm_warning",
     "find_tritonserver",
     "free_port",
@@ -116,6 +124,113 @@ def policy_args(poll_seconds: float | None = None) -> list[str]:
     if poll_seconds is not None:
         args[args.index("--model-control-mode") + 1] = "poll"
         args += ["--repository-poll-secs", str(int(poll_seconds))]
+    return args
+
+
+# Triton's restricted APIs (docs/security.md; Triton's docs/customization_guide/
+# inference_protocols.md, "Limit Endpoint Access"): these groups answer only requests that carry
+# the operator's key, over HTTP in the header ADMIN_KEY_HEADER, over gRPC in the metadata
+# GRPC_RESTRICTED_PREFIX + ADMIN_KEY_HEADER. Health, metadata, model-config, statistics and
+# inference stay open: clients, probes and benchmarks use them.
+ADMIN_KEY_HEADER = "admin-key"
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton prepends it to gRPC restricted keys
+RESTRICTED_APIS: tuple[str, ...] = ("model-repository", "shared-memory", "logging", "trace")
+# A key goes into a tritonserver flag (`...:admin-key=<key>`), an HTTP header and gRPC metadata:
+# URL-safe characters only, and long enough not to be guessed.
+ADMIN_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+-]{16,256}")
+
+
+def new_admin_key() -> str:
+    """A random operator key (32 URL-safe characters)."""
+    return secrets.token_urlsafe(24)
+
+
+def check_admin_key(key: str) -> str:
+    """``key`` if it can serve as the operator key, else ValueError saying why."""
+    if not ADMIN_KEY_PATTERN.fullmatch(key):
+        raise ValueError(
+            f"the admin key must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + - "
+            f"(got {len(key)} characters{'' if key.isascii() else ', not all ASCII'})"
+        )
+    return key
+
+
+def restricted_args(admin_key: str) -> list[str]:
+    """tritonserver flags closing RESTRICTED_APIS to requests without ``admin_key``."""
+    group = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={check_admin_key(admin_key)}"
+    return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
+
+
+def admin_metadata(admin_key: str) -> dict[str, str]:
+    """The key as tritonclient.grpc ``headers``: metadata Triton checks for restricted calls."""
+    return {GRPC_RESTRICTED_PREFIX + ADMIN_KEY_HEADER: admin_key}
+
+
+# tritonserver flags a caller may not pass (serve.py `-- FLAGS`, EmbeddedServer extra_args): the
+# launcher sets them, and an override would break the serving policy, the readiness checks, the
+# front or the restricted APIs. Flag -> why.
+REFUSED_FLAGS: dict[str, str] = {
+    **{flag: "serving policy (POLICY_ARGS)" for flag in POLICY_ARGS if flag.startswith("--")},
+    "--repository-poll-secs": "set by serve.py --poll-seconds",
+    "--strict-model-config": "serving policy: configs are used as written",
+    "--load-model": "serving policy: model control mode none loads every model",
+    "--model-repository": "set by serve.py --model-repository",
+    "--model-store": "set by serve.py --model-repository",
+    "--backend-directory": "set by the launcher (the python backend's stub)",
+    "--exit-timeout-secs": "set by the launcher from its stop deadline",
+    "--log-file": "the launcher reads tritonserver's output (serve.py --log-file)",
+    **{
+        flag: "set by serve.py (--address, --http-port, --grpc-port, --metrics-port)"
+        for flag in (
+            "--http-address", "--grpc-address", "--metrics-address",
+            "--http-port", "--grpc-port", "--metrics-port",
+            "--allow-http", "--allow-grpc", "--allow-metrics",
+            "--reuse-http-port", "--reuse-grpc-port",
+        )
+    },
+    **{
+        flag: "another listener, outside the front and the restricted APIs"
+        for flag in (
+            "--allow-sagemaker", "--sagemaker-port", "--allow-vertex-ai", "--vertex-ai-port",
+        )
+    },
+    "--http-restricted-api": "set from the admin key (serve.py --admin-key)",
+    "--grpc-restricted-protocol": "set from the admin key (serve.py --admin-key)",
+    **{
+        flag: "TLS is the front's (serve.py --tls-cert, --tls-key)"
+        for flag in (
+            "--grpc-use-ssl", "--grpc-use-ssl-mutual",
+            "--grpc-server-cert", "--grpc-server-key", "--grpc-root-cert",
+        )
+    },
+}  # fmt: skip
+
+
+def refused_extra_args(args: Sequence[str]) -> dict[str, str]:
+    """The flags of ``args`` that REFUSED_FLAGS forbids, each with the reason. A name is refused
+    when it is a refused flag or an abbreviation of one: tritonserver's getopt_long accepts any
+    unambiguous prefix (``--model-repo=...``)."""
+    refused: dict[str, str] = {}
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--") or len(name) <= 2:
+            continue
+        for flag, why in REFUSED_FLAGS.items():
+            if flag.startswith(name):
+                refused[name if name == flag else f"{name} ({flag})"] = why
+                break
+    return refused
+
+
+def check_extra_args(args: Sequence[str]) -> list[str]:
+    """``args`` as strings, or ValueError naming every refused flag and why."""
+    args = [str(a) for a in args]
+    refused = refused_extra_args(args)
+    if refused:
+        raise ValueError(
+            "these tritonserver flags cannot be passed through: "
+            + "; ".join(f"{name}: {why}" for name, why in refused.items())
+        )
     return args
 
 
@@ -206,10 +321,13 @@ class EmbeddedServer:
         repository: the model repository (checked with :func:`check_repository`).
         address: bind address of HTTP, gRPC and metrics (default: loopback only).
         http_port, grpc_port, metrics_port: the ports.
+        metrics_address: bind address of metrics alone (default: ``address``); serve.py's front
+            keeps HTTP and gRPC on loopback and metrics on the public address.
         model: the model whose readiness ``start()`` waits for (None: server readiness only).
         log_file: where tritonserver's stdout and stderr go; None: a temporary file, removed
             after a clean stop and kept (its path in the error) after a failure.
-        extra_args: more tritonserver arguments, appended last (so they override).
+        extra_args: more tritonserver arguments, appended last; REFUSED_FLAGS are refused
+            (ValueError), see :func:`check_extra_args`.
         timeout: seconds ``start()`` waits for readiness.
         stop_timeout: seconds ``stop()`` waits after SIGTERM before SIGKILL; Triton's own
             ``--exit-timeout-secs`` (drain of in-flight requests) is set 5 s shorter.
@@ -219,6 +337,10 @@ class EmbeddedServer:
         poll_seconds: poll the repository every S seconds (``--model-control-mode poll``): a
             version added by ``export.py --model-version`` goes live without a restart. Clients
             still cannot load or unload models (Triton refuses those calls in poll mode).
+        admin_key: the operator key of the restricted APIs (RESTRICTED_APIS: repository index,
+            shared memory, logging, trace), checked by :func:`check_admin_key`; None: a random
+            key (``server.admin_key``). Always restricted: no server of this launcher serves
+            those APIs to a client without the key.
         cache_mb: size of Triton's local response cache in MiB (docs/cache.md). None: the
             repository decides (DEFAULT_CACHE_MB when a model's config enables
             ``response_cache``, else no cache); 0: no cache (``cache_warning`` says so when the
@@ -242,6 +364,8 @@ class EmbeddedServer:
         env: Mapping[str, str] | None = None,
         echo_log: bool = False,
         poll_seconds: float | None = None,
+        metrics_address: str | None = None,
+        admin_key: str | None = None,
         cache_mb: int | None = None,
     ) -> None:
         if cache_mb is not None and cache_mb < 0:
@@ -254,11 +378,13 @@ class EmbeddedServer:
         self.poll_seconds = poll_seconds
         self.echo_log = echo_log
         self.address = address
+        self.metrics_address = address if metrics_address is None else metrics_address
+        self.admin_key = new_admin_key() if admin_key is None else check_admin_key(admin_key)
         self.http_port = int(http_port)
         self.grpc_port = int(grpc_port)
         self.metrics_port = int(metrics_port)
         self.model = model
-        self.extra_args = [str(a) for a in extra_args]
+        self.extra_args = check_extra_args(extra_args)
         self.timeout = float(timeout)
         self.stop_timeout = float(stop_timeout)
         self._log_arg = Path(log_file) if log_file is not None else None
@@ -289,7 +415,17 @@ class EmbeddedServer:
     @property
     def url_metrics(self) -> str:
         """``host:port`` of the Prometheus metrics endpoint (path ``/metrics``)."""
-        return f"{client_host(self.address)}:{self.metrics_port}"
+        return f"{client_host(self.metrics_address)}:{self.metrics_port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The operator key as HTTP headers (tritonclient.http ``headers=``)."""
+        return {ADMIN_KEY_HEADER: self.admin_key}
+
+    @property
+    def admin_metadata(self) -> dict[str, str]:
+        """The operator key as gRPC metadata (tritonclient.grpc ``headers=``)."""
+        return admin_metadata(self.admin_key)
 
     @property
     def ready_seconds(self) -> float | None:
@@ -329,12 +465,13 @@ class EmbeddedServer:
             "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port),
             *policy_args(self.poll_seconds),
+            *restricted_args(self.admin_key),
             "--log-verbose", "0",
             "--exit-timeout-secs", str(exit_timeout_secs(self.stop_timeout)),
         ]  # fmt: skip
         flags = supported_flags(binary)
         if "--metrics-address" in flags:
-            command += ["--metrics-address", self.address]
+            command += ["--metrics-address", self.metrics_address]
         if "--allow-gpu-metrics" in flags:  # no NVML/DCGM noise on machines without a GPU
             command += ["--allow-gpu-metrics", "false"]
         return command + self.cache_args() + self.extra_args
@@ -389,10 +526,14 @@ class EmbeddedServer:
                 f"model '{self.model}' is not in {self.repository} (it has: {', '.join(names)})"
             )
         binary = find_tritonserver()
-        for port in (self.http_port, self.grpc_port, self.metrics_port):
-            if port_in_use(self.address, port):
+        for address, port in (
+            (self.address, self.http_port),
+            (self.address, self.grpc_port),
+            (self.metrics_address, self.metrics_port),
+        ):
+            if port_in_use(address, port):
                 raise ServerStartError(
-                    f"port {port} on {self.address or '0.0.0.0'} is already in use "
+                    f"port {port} on {address or '0.0.0.0'} is already in use "
                     "(another tritonserver?); choose other ports"
                 )
         self._ready_seconds = None
@@ -475,7 +616,7 @@ class EmbeddedServer:
 
     def _index_errors(self) -> dict[str, str]:
         """Models that are neither ready nor loading, per POST /v2/repository/index."""
-        answer = http_request("POST", self._url("/v2/repository/index"))
+        answer = http_request("POST", self._url("/v2/repository/index"), headers=self.admin_headers)
         if answer is None or answer[0] != 200:
             return {}
         try:

@@ -145,30 +145,36 @@ def test_limits_set_at_export_are_written_and_checked(tmp_path: Path) -> None:
 
 
 def test_no_client_can_load_or_unload_models(server) -> None:
+    """Closed twice: the model-repository API needs the admin key (tests/test_restricted.py),
+    and even with it model control mode none refuses loads and unloads."""
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
     client = http.InferenceServerClient(server.url_http)
-    with pytest.raises(InferenceServerException, match="explicit model load / unload"):
-        client.unload_model(ENSEMBLE)
-    with pytest.raises(InferenceServerException, match="explicit model load / unload"):
-        client.load_model(
-            "evil", config=json.dumps({"backend": "python"}), files={"file:1/model.py": b"x"}
-        )
+    evil = {"config": json.dumps({"backend": "python"}), "files": {"file:1/model.py": b"x"}}
+    for headers, refusal in ((None, "restricted"), (server.admin_headers, "explicit model load")):
+        with pytest.raises(InferenceServerException, match=refusal):
+            client.unload_model(ENSEMBLE, headers=headers)
+        with pytest.raises(InferenceServerException, match=refusal):
+            client.load_model("evil", headers=headers, **evil)
     assert_ready(server.url_http)
-    index = {m["name"] for m in client.get_model_repository_index()}
+    index = {m["name"] for m in client.get_model_repository_index(headers=server.admin_headers)}
     assert "evil" not in index and ENSEMBLE in index
 
 
 def test_no_client_can_point_the_server_at_a_file(server, tmp_path: Path) -> None:
     """Triton's logging and trace APIs refuse a file location from the network (2.51 does), and a
-    shared-memory region must already exist under /dev/shm: no request writes or reads a path."""
+    shared-memory region must already exist under /dev/shm: no request writes or reads a path.
+    Even with the admin key (without it, these APIs are closed: tests/test_restricted.py)."""
     import urllib.error
     import urllib.request
 
     def post(path: str, body: dict) -> tuple[int, str]:
         request = urllib.request.Request(
-            f"http://{server.url_http}{path}", data=json.dumps(body).encode(), method="POST"
+            f"http://{server.url_http}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers=server.admin_headers,
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:

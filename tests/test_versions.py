@@ -105,10 +105,11 @@ def test_live_switch_under_load_fails_nothing_and_mixes_nothing(
             for w in workers:
                 w.join()
         client = grpc.InferenceServerClient(server.url_grpc)
-        with pytest.raises(grpc.InferenceServerException):  # clients still cannot load models
-            client.load_model("image_encoder")
-        with pytest.raises(grpc.InferenceServerException):
-            client.unload_model("crisis_classifier")
+        # clients still cannot load models: poll mode refuses them even with the admin key
+        with pytest.raises(grpc.InferenceServerException, match="polling is enabled"):
+            client.load_model("image_encoder", headers=server.admin_metadata)
+        with pytest.raises(grpc.InferenceServerException, match="polling is enabled"):
+            client.unload_model("crisis_classifier", headers=server.admin_metadata)
         assert server.poll() is None
     v1 = expected(repo, 1)
     assert np.abs(v1 - v2).max() > 1e-3  # the two checkpoints answer differently
