@@ -24,6 +24,7 @@ answers at its connection limit) up to `retries` times. Other answers (400s, 500
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -44,8 +45,11 @@ from export.names import (
     CAPTION_INPUT,
     ENSEMBLE,
     IMAGE_INPUT,
+    MODALITIES,
+    MODALITIES_USED,
     TEXT_INPUT,
     WEIGHTS_PARAMETER,
+    modality_weights_name,
     probs_name,
     task_of_output,
 )
@@ -146,30 +150,43 @@ def bytes_input(module: Any, name: str, value: bytes, shape: Sequence[int] = (1,
     return tensor
 
 
-def raw_probabilities(
+def raw_outputs(
     module: Any,
     url: str,
-    image: bytes,
+    image: bytes | None,
     text: str,
     caption: str | None,
-    tasks: Sequence[str],
+    names: Sequence[str],
 ) -> dict[str, np.ndarray]:
     """One post through the ensemble with tritonclient alone (`module`: tritonclient.http or
-    .grpc): each task's FP32 probabilities, unrounded (TritonClassifier reads the 6 decimals of
-    Triton's classification extension). For checks that compare numbers with a reference."""
-    inputs = [
-        bytes_input(module, IMAGE_INPUT, image),
-        bytes_input(module, TEXT_INPUT, text.encode()),
-    ]
+    .grpc): the named outputs of its one row, FP32 unrounded. `image` None: a post without one
+    (answered only by heads that can: docs/text-only.md). For checks against a reference."""
+    inputs = [bytes_input(module, TEXT_INPUT, text.encode())]
+    if image is not None:
+        inputs.insert(0, bytes_input(module, IMAGE_INPUT, image))
     if caption is not None:
         inputs.append(bytes_input(module, CAPTION_INPUT, caption.encode()))
-    outputs = [module.InferRequestedOutput(probs_name(t)) for t in tasks]
+    outputs = [module.InferRequestedOutput(n) for n in names]
     client = module.InferenceServerClient(url)
     try:
         result = client.infer(ENSEMBLE, inputs, outputs=outputs)
     finally:
         client.close()
-    return {t: result.as_numpy(probs_name(t))[0] for t in tasks}
+    return {n: result.as_numpy(n)[0] for n in names}
+
+
+def raw_probabilities(
+    module: Any,
+    url: str,
+    image: bytes | None,
+    text: str,
+    caption: str | None,
+    tasks: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Each task's FP32 probabilities of one post (raw_outputs), unrounded (TritonClassifier reads
+    the 6 decimals of Triton's classification extension)."""
+    raw = raw_outputs(module, url, image, text, caption, [probs_name(t) for t in tasks])
+    return {t: raw[probs_name(t)] for t in tasks}
 
 
 @dataclass(frozen=True)
@@ -187,24 +204,36 @@ class Prediction:
 
     `probabilities` holds every class in class-index order; `top` the classes sorted by decreasing
     probability (ties: lower class index first), cut to `top_k` when one was asked for.
+    `modalities_used`: the post's modalities that went into the answer ("image", "text"), where the
+    server says (export.names.MODALITIES_USED); `modality_weights`: how much the head weighed each
+    modality for this task ({"image": w, "text": 1 - w}), where it says (the cma_clip head).
     """
 
     task: str
     label: str
     probabilities: dict[str, float]
     top: list[tuple[str, float]]
+    modalities_used: tuple[str, ...] | None = None
+    modality_weights: dict[str, float] | None = None
 
     def as_json(self, top_only: bool = False) -> dict[str, Any]:
-        """`{"label": ..., "probabilities": {label: prob}}`; with `top_only`, only the top ones."""
+        """`{"label": ..., "probabilities": {label: prob}}` (+ "modalities_used": [...] and
+        "modality_weights": {"image": w, "text": w} where served); with `top_only`, only the top
+        classes."""
         probs = dict(self.top) if top_only else dict(self.probabilities)
-        return {"label": self.label, "probabilities": probs}
+        out: dict[str, Any] = {"label": self.label, "probabilities": probs}
+        if self.modalities_used is not None:
+            out["modalities_used"] = list(self.modalities_used)
+        if self.modality_weights is not None:
+            out["modality_weights"] = dict(self.modality_weights)
+        return out
 
 
 @dataclass(frozen=True)
 class Post:
-    """One crisis post to classify."""
+    """One crisis post to classify (`image` None: a text-only post)."""
 
-    image: bytes
+    image: bytes | None
     text: str
     caption: str | None = None
 
@@ -269,6 +298,7 @@ class ModelInfo:
 
     inputs: tuple[str, ...]
     num_classes: dict[str, int]  # task -> C, in the model's output order
+    outputs: tuple[str, ...] = ()  # every output name
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -292,7 +322,8 @@ def model_info_from_metadata(metadata: dict[str, Any], model: str = ENSEMBLE) ->
         num_classes[task] = shape[-1]
     if not num_classes:
         raise ClientError(f"model {model} serves no task (no probs_<task> output)")
-    return ModelInfo(inputs=inputs, num_classes=num_classes)
+    outputs = tuple(str(t["name"]) for t in metadata.get("outputs", []))
+    return ModelInfo(inputs=inputs, num_classes=num_classes, outputs=outputs)
 
 
 # ------------------------------------------------------------------------------ server errors
@@ -895,15 +926,17 @@ class CrisisClient:
 
     def classify(
         self,
-        image_bytes: bytes,
+        image_bytes: bytes | None,
         text: str,
         caption: str | None = None,
         tasks: Sequence[str] | None = None,
         top_k: int | None = None,
     ) -> dict[str, Prediction]:
-        """Classify one post; returns {task: Prediction} for the requested (default: all) tasks."""
-        if not isinstance(image_bytes, bytes | bytearray | memoryview):
-            raise TypeError(f"image_bytes must be bytes, got {type(image_bytes).__name__}")
+        """Classify one post; returns {task: Prediction} for the requested (default: all) tasks.
+        `image_bytes` None: a text-only post, answered only by a served head that can (else an
+        InferenceError whose message says why: docs/text-only.md)."""
+        if image_bytes is not None and not isinstance(image_bytes, bytes | bytearray | memoryview):
+            raise TypeError(f"image_bytes must be bytes or None, got {type(image_bytes).__name__}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         info = self.model_info()
@@ -913,7 +946,9 @@ class CrisisClient:
                 f"model {self.model} on {self._where()} has no {CAPTION_INPUT!r} input"
             )
         mod = self._module()
-        tensors = [(IMAGE_INPUT, bytes(image_bytes)), (TEXT_INPUT, text.encode("utf-8"))]
+        tensors = [(TEXT_INPUT, text.encode("utf-8"))]
+        if image_bytes is not None:
+            tensors.insert(0, (IMAGE_INPUT, bytes(image_bytes)))
         if caption:
             tensors.append((CAPTION_INPUT, caption.encode("utf-8")))
         inputs = [bytes_input(mod, name, value) for name, value in tensors]
@@ -921,6 +956,11 @@ class CrisisClient:
             mod.InferRequestedOutput(probs_name(t), class_count=info.num_classes[t])
             for t in selected
         ]
+        # What older servers lack is not asked for: the modalities used, the modality weights.
+        extra = [MODALITIES_USED] * (MODALITIES_USED in info.outputs) + [
+            modality_weights_name(t) for t in selected if modality_weights_name(t) in info.outputs
+        ]
+        outputs += [mod.InferRequestedOutput(name) for name in extra]
         kw = self._kwargs()
         result = self._call(
             "inference",
@@ -928,13 +968,21 @@ class CrisisClient:
                 self.model, inputs, model_version=self._version, outputs=outputs, **kw
             ),
         )
+        modal = {name: _modality_values(result, name) for name in extra}
+        used = modal.get(MODALITIES_USED)
         predictions: dict[str, Prediction] = {}
         for task in selected:
             arr = result.as_numpy(probs_name(task))
             if arr is None:
                 raise ClientError(f"Triton's answer has no output {probs_name(task)}")
-            predictions[task] = prediction_from_classification(
+            prediction = prediction_from_classification(
                 task, np.asarray(arr).reshape(-1).tolist(), info.num_classes[task], top_k
+            )
+            weights = modal.get(modality_weights_name(task))
+            predictions[task] = dataclasses.replace(
+                prediction,
+                modalities_used=None if used is None else tuple(m for m, u in used.items() if u),
+                modality_weights=weights,
             )
         return predictions
 
@@ -987,6 +1035,15 @@ class CrisisClient:
         else:
             import tritonclient.http as mod
         return mod
+
+
+def _modality_values(result: Any, name: str) -> dict[str, float]:
+    """An [image, text] output of one post (export.names.MODALITIES order) as {modality: value}."""
+    arr = result.as_numpy(name)
+    values = [] if arr is None else np.asarray(arr, dtype=np.float64).reshape(-1).tolist()
+    if len(values) != len(MODALITIES):
+        raise ClientError(f"Triton's answer has no output {name} of {len(MODALITIES)} values")
+    return {m: round(float(v), 6) for m, v in zip(MODALITIES, values)}
 
 
 def _status_of(exc: BaseException) -> str | None:
