@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         "stopping at the first",
     )
     p.add_argument("--batch-size", type=int, default=32, help="encoder batch (default 32)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the encoders run: cpu (default), cuda, cuda:N (features are the same up to "
+        "float rounding)",
+    )
     add_encoder_options(p)
     return p
 
@@ -226,19 +232,23 @@ def cache_split(
     import numpy as np
     import torch
 
-    from export.encoders import eos_positions
+    from export.encoders import HFTextEncoder, eos_positions
     from export.preprocess import PreprocessError, TextPreprocessor, decode_image, image_to_pixels
 
     posts = ann.posts
     ids_all = TextPreprocessor(spec)([p.text(spec) for p in posts])
     n = len(posts)
     tokens = args.tokens
+    device = torch.device(args.device)
+    eos_all = None
+    if isinstance(enc.text, HFTextEncoder):
+        eos_all = eos_positions(enc.text.text_model, torch.from_numpy(ids_all)).numpy()
     if tokens:
+        assert eos_all is not None  # token_encoders() refused other encoders
         image_tok, text_tok = enc.token_encoders()
-        eos_all = eos_positions(text_tok.text_model, torch.from_numpy(ids_all)).numpy()
         text_len = int(eos_all.max()) + 1
         with torch.inference_mode():
-            probe = image_tok(torch.zeros(1, 3, spec.image_size, spec.image_size))
+            probe = image_tok(torch.zeros(1, 3, spec.image_size, spec.image_size, device=device))
         n_image_tokens = probe.shape[1]
     di, dt = enc.config.image_dim, enc.config.text_dim
     shapes: dict[str, tuple[int, ...]] = {"image_features": (n, di), "text_features": (n, dt)}
@@ -272,20 +282,26 @@ def cache_split(
             continue
         at = slice(len(kept), len(kept) + len(rows))
         ids = torch.from_numpy(ids_all[rows])
+        if eos_all is not None:  # HF text tower: causal, so the ids after the batch's last EOS
+            ids = ids[:, : int(eos_all[rows].max()) + 1]  # cannot change a kept position
         with torch.inference_mode():
-            px = torch.from_numpy(np.stack(pixels))
+            px = torch.from_numpy(np.stack(pixels)).to(device)
+            ids = ids.to(device)
             if tokens:
-                img = image_tok(px)
-                txt, mask = text_tok(ids)
+                img = image_tok(px).float().cpu()
+                txt, mask = (t.float().cpu() for t in text_tok(ids))
                 eos = torch.from_numpy(eos_all[rows]).long()
+                width = txt.shape[1]
                 out["image_features"][at] = img[:, 0].numpy()
                 out["text_features"][at] = txt[torch.arange(len(rows)), eos].numpy()
                 out["image_tokens"][at] = img.numpy()
-                out["text_tokens"][at] = txt[:, :text_len].numpy()
-                out["text_mask"][at] = mask[:, :text_len].numpy()
+                out["text_tokens"][at, :width] = txt.numpy()
+                out["text_tokens"][at, width:] = 0
+                out["text_mask"][at, :width] = mask.numpy()
+                out["text_mask"][at, width:] = 0
             else:
-                out["image_features"][at] = enc.image(px).numpy()
-                out["text_features"][at] = enc.text(ids).numpy()
+                out["image_features"][at] = enc.image(px).float().cpu().numpy()
+                out["text_features"][at] = enc.text(ids).float().cpu().numpy()
         kept.extend(rows)
         done = min(start + args.batch_size, n)
         if done == n or (done // args.batch_size) % 20 == 0:
@@ -368,6 +384,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(RANDOM_CACHE_BANNER, file=sys.stderr)
     import torch
 
+    try:
+        enc.image.to(torch.device(args.device))
+        enc.text.to(torch.device(args.device))
+    except (RuntimeError, AssertionError) as exc:
+        print(f"cache_features.py: error: --device {args.device}: {exc}", file=sys.stderr)
+        return 2
     spec = enc.config.preprocess_spec()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / MANIFEST).unlink(missing_ok=True)  # a half-written cache has no manifest
