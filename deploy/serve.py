@@ -49,7 +49,6 @@ from deploy.server import (
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PORT,
-    REFUSED_FLAGS,
     RESTRICTED_APIS,
     EmbeddedServer,
     RepositoryError,
@@ -60,6 +59,7 @@ from deploy.server import (
     check_repository,
     new_admin_key,
     refused_extra_args,
+    refused_flags,
     shm_warning,
 )
 
@@ -99,7 +99,7 @@ def _positive(text: str) -> int:
 
 def _refused_flags_help() -> str:
     by_reason: dict[str, list[str]] = {}
-    for flag, why in REFUSED_FLAGS.items():
+    for flag, why in refused_flags().items():
         by_reason.setdefault(why, []).append(flag)
     lines = [f"  {', '.join(flags)}: {why}" for why, flags in by_reason.items()]
     return (
@@ -335,14 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if server.cache_warning is not None:
             print(f"{PROG}: warning: {server.cache_warning}", file=sys.stderr, flush=True)
-        print(_ready_line(args, server, front), flush=True)
-        if args.admin_key is None and args.admin_key_file is None:
+        if args.admin_key is None and args.admin_key_file is None:  # before the ready line
             print(
                 f"{PROG}: admin key of the restricted APIs ({', '.join(RESTRICTED_APIS)}; "
                 f"header '{ADMIN_KEY_HEADER}'), generated for this run: {admin_key}",
                 file=sys.stderr,
                 flush=True,
             )
+        print(_ready_line(args, server, front), flush=True)
         while (returncode := server.poll()) is None:
             if front is not None and (front_code := front.poll()) is not None:
                 front.stop(keep=True)

@@ -169,8 +169,15 @@ def admin_metadata(admin_key: str) -> dict[str, str]:
 # tritonserver flags a caller may not pass (serve.py `-- FLAGS`, EmbeddedServer extra_args): the
 # launcher sets them, and an override would break the serving policy, the readiness checks, the
 # front or the restricted APIs. Flag -> why.
+# Repeatable `KEY=VALUE` flags: only the keys POLICY_ARGS sets are refused (other metrics settings
+# pass through).
+KEYED_FLAGS = ("--metrics-config",)
 REFUSED_FLAGS: dict[str, str] = {
-    **{flag: "serving policy (POLICY_ARGS)" for flag in POLICY_ARGS if flag.startswith("--")},
+    **{
+        flag: "serving policy (POLICY_ARGS)"
+        for flag in POLICY_ARGS
+        if flag.startswith("--") and flag not in KEYED_FLAGS
+    },
     "--repository-poll-secs": "set by serve.py --poll-seconds",
     "--strict-model-config": "serving policy: configs are used as written",
     "--load-model": "serving policy: model control mode none loads every model",
@@ -206,19 +213,38 @@ REFUSED_FLAGS: dict[str, str] = {
 }  # fmt: skip
 
 
+def refused_flags() -> dict[str, str]:
+    """Every refused flag (REFUSED_FLAGS, and `FLAG KEY` for the policy's keys of KEYED_FLAGS)
+    with why: what serve.py --help lists."""
+    keyed = {
+        f"{flag} {value.split('=', 1)[0]}": "serving policy (POLICY_ARGS)"
+        for flag, value in zip(POLICY_ARGS, POLICY_ARGS[1:])
+        if flag in KEYED_FLAGS
+    }
+    return {**REFUSED_FLAGS, **keyed}
+
+
 def refused_extra_args(args: Sequence[str]) -> dict[str, str]:
     """The flags of ``args`` that REFUSED_FLAGS forbids, each with the reason. A name is refused
     when it is a refused flag or an abbreviation of one: tritonserver's getopt_long accepts any
     unambiguous prefix (``--model-repo=...``)."""
+    policy_keys = {
+        (flag, value.split("=", 1)[0]) for flag, value in zip(POLICY_ARGS, POLICY_ARGS[1:])
+        if flag in KEYED_FLAGS
+    }  # fmt: skip
     refused: dict[str, str] = {}
-    for arg in args:
-        name = arg.split("=", 1)[0]
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
         if not name.startswith("--") or len(name) <= 2:
             continue
         for flag, why in REFUSED_FLAGS.items():
             if flag.startswith(name):
                 refused[name if name == flag else f"{name} ({flag})"] = why
                 break
+        for flag in KEYED_FLAGS:
+            value = value if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            if flag.startswith(name) and (flag, value.split("=", 1)[0]) in policy_keys:
+                refused[f"{name} {value.split('=', 1)[0]}"] = "serving policy (POLICY_ARGS)"
     return refused
 
 

@@ -22,12 +22,14 @@ import pytest
 from deploy.server import (
     ADMIN_KEY_HEADER,
     GRPC_RESTRICTED_PREFIX,
+    KEYED_FLAGS,
     POLICY_ARGS,
     REFUSED_FLAGS,
     RESTRICTED_APIS,
     EmbeddedServer,
     check_admin_key,
     refused_extra_args,
+    refused_flags,
     restricted_args,
 )
 from tests.test_server_launcher import make_repo, ports
@@ -64,7 +66,17 @@ def test_bad_admin_keys_are_refused(bad: str) -> None:
 
 
 def test_every_policy_flag_and_its_abbreviation_is_refused() -> None:
-    for flag in (a for a in POLICY_ARGS if a.startswith("--")):
+    for flag, value in zip(POLICY_ARGS, [*POLICY_ARGS[1:], ""]):
+        if not flag.startswith("--"):
+            continue
+        if flag in KEYED_FLAGS:  # KEY=VALUE flags: the policy's keys only
+            key = value.split("=")[0]
+            assert refused_extra_args([flag, f"{key}=other"]) == {
+                f"{flag} {key}": "serving policy (POLICY_ARGS)"
+            }
+            assert refused_extra_args([f"{flag[:-2]}={key}=x"]), flag
+            assert refused_extra_args([flag, "some_other_key=1"]) == {}
+            continue
         assert flag in REFUSED_FLAGS
         assert refused_extra_args([flag, "x"]), flag
         assert refused_extra_args([f"{flag[:-2]}=x"]), flag  # getopt_long takes a prefix
@@ -100,8 +112,9 @@ def test_serve_py_refuses_policy_flags_after_the_separator(tmp_path: Path) -> No
 def test_serve_py_help_lists_the_refused_flags() -> None:
     done = serve_py("--help")
     assert done.returncode == 0
-    for flag in REFUSED_FLAGS:
+    for flag in refused_flags():
         assert flag in done.stdout, flag
+    assert "--metrics-config summary_latencies" in done.stdout
 
 
 # ------------------------------------------------------------------------------ the server
