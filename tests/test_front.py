@@ -98,7 +98,8 @@ def test_front_config_is_checked_and_rendered(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must all differ"):
         FrontConfig("127.0.0.1", 1, 2, 2, 4, limits)
     plain = FrontConfig("::", 8000, 8001, 9000, 9001, limits).render(tmp_path, error_log="x")
-    assert "listen [::]:8000;" in plain and "listen [::]:8001 http2;" in plain
+    assert "listen [::]:8000 ipv6only=off;" in plain  # `::`: IPv4 too, as for tritonserver
+    assert "listen [::]:8001 http2 ipv6only=off;" in plain
     assert "client_max_body_size 12345;" in plain and "limit_conn front_requests 7;" in plain
     assert "ssl" not in plain
     tls = FrontConfig("0.0.0.0", 8000, 8001, 9000, 9001, limits, tmp_path / "c", tmp_path / "k")
@@ -106,6 +107,29 @@ def test_front_config_is_checked_and_rendered(tmp_path: Path) -> None:
     assert "listen 0.0.0.0:8000 ssl;" in text and "listen 0.0.0.0:8001 ssl http2;" in text
     assert f"ssl_certificate_key {tmp_path / 'k'};" in text and "user nobody nogroup;" in text
     assert "server 127.0.0.1:9000;" in text and "grpc_pass grpc://triton_grpc;" in text
+
+
+@pytest.mark.skipif(_nginx_missing() is not None, reason=str(_nginx_missing()))
+def test_an_unreachable_triton_is_a_retryable_answer() -> None:
+    """nginx's 502 (nothing behind it: tritonserver restarting) reaches clients as 503 /
+    UNAVAILABLE, which they retry; the front's temporary folder goes with it."""
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    config = FrontConfig("127.0.0.1", free_port(), free_port(), free_port(), free_port(),
+                         FrontLimits(1000, 4))  # fmt: skip
+    with NginxFront(config) as front:
+        conn = http.client.HTTPConnection("127.0.0.1", config.http_port)
+        status, body, answer = _request(conn, "GET", "/v2/health/ready")
+        assert status == 503 and answer.getheader("Retry-After") == "1"
+        assert "not reachable behind the front" in json.loads(body)["error"]
+        client = grpc.InferenceServerClient(f"127.0.0.1:{config.grpc_port}")
+        with pytest.raises(InferenceServerException, match="not reachable") as info:
+            client.is_server_live()
+        assert info.value.status() == "StatusCode.UNAVAILABLE"
+        prefix = front.prefix
+        assert prefix is not None and prefix.is_dir()
+    assert front.poll() == 0 and not prefix.exists()
 
 
 def test_serve_py_refuses_front_flags_alone(tmp_path: Path) -> None:
