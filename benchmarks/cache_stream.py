@@ -13,6 +13,7 @@ after each stream.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,22 @@ def measure(
             **extra,
         )
     row["foreign_cpu_cores"] = other.cores  # cores other processes took meanwhile (shared VM)
-    row["cache_counts"] = _delta(before, cache_counts(server.url_metrics))
+    row["cache_counts"] = _settled_counts(server.url_metrics, before, len(posts))
     return row
+
+
+def _settled_counts(
+    url_metrics: str, before: dict[str, dict[str, int]], requests: int, wait_s: float = 3.0
+) -> dict[str, dict[str, int]]:
+    """The counters' change once every request's image-encoder lookup is counted (Triton may
+    count one a moment after the answer left); at once where nothing was looked up (no cache)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        delta = _delta(before, cache_counts(url_metrics))
+        looked_up = sum(delta[IMAGE_ENCODER].values())
+        if looked_up == 0 or looked_up >= requests or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.05)
 
 
 def run(

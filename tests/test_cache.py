@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -208,8 +209,7 @@ def _infer(server: EmbeddedServer, photo: bytes, text: str) -> dict[str, np.ndar
         client.close()
 
 
-def _stats(server: EmbeddedServer) -> dict[str, dict[str, int]]:
-    """Per cached model: Triton's /v2/models/NAME/stats cache hits and misses, executions."""
+def _read_stats(server: EmbeddedServer) -> dict[str, dict[str, int]]:
     stats = loadgen.read_stats(server.url_http, CACHED)
     return {
         m: {
@@ -219,6 +219,19 @@ def _stats(server: EmbeddedServer) -> dict[str, dict[str, int]]:
         }
         for m, s in stats.items()
     }
+
+
+def _stats(server: EmbeddedServer) -> dict[str, dict[str, int]]:
+    """Per cached model: Triton's /v2/models/NAME/stats cache hits and misses, executions; read
+    until two reads agree (Triton may count a request a moment after its answer left)."""
+    previous = _read_stats(server)
+    deadline = time.monotonic() + 3.0
+    while True:
+        time.sleep(0.1)
+        current = _read_stats(server)
+        if current == previous or time.monotonic() > deadline:
+            return current
+        previous = current
 
 
 def _change(before: dict, after: dict) -> dict:
