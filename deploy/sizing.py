@@ -290,3 +290,40 @@ def plan(
         f"clients retry); {wanted} need {needed / MIB:.0f} MiB "
         f"({'; '.join(sizing.lines(wanted, body))}): {fix}"
     ), needed)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deploy.sizing REPO [--in-flight N] [--max-body-bytes N]`: what /dev/shm REPO
+    needs, per model, and the container size to give it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m deploy.sizing", description=main.__doc__)
+    parser.add_argument("repository", type=Path)
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help=f"requests in flight through the front ({MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, help="the front's body cap (default: from preprocess.json)"
+    )
+    args = parser.parse_args(argv)
+    if not args.repository.is_dir():
+        parser.error(f"{args.repository} is not a directory")
+    try:
+        sizing = read_sizing(args.repository)
+        body = args.max_body_bytes or sizing.body_cap
+        needed = sizing.shm_needed(args.in_flight, body)
+    except (SizingError, ValueError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    print(f"body cap {body} bytes, {args.in_flight} requests in flight:")
+    for line in sizing.lines(args.in_flight, body):
+        print(f"  {line}")
+    print(f"/dev/shm needed: {needed / MIB:.1f} MiB (x{SHM_MARGIN} margin included); "
+          f"give it {container_shm(needed)}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,7 +11,12 @@ embedded server outside it, stop it.
    repository mounted read-only at /models, the three ports published on 127.0.0.1.
 4. ``client/classify.py --json`` on the same post against both (HTTP, and gRPC to the container);
    every probability must agree within 1e-6. Also checks the image's user, HEALTHCHECK, metrics.
-5. Stops the container with SIGTERM: it must exit 0 well before the grace period ends.
+5. The burst of issue 18 against the container (benchmarks/burst.py), run as documented (the
+   image's command: serve.py --front; ``--shm-size`` SHM_SIZE): 32 clients, each two valid
+   photos just under the repository's max_image_bytes beside two small posts. No answer may be a
+   500: each is 200, or a 503 from the front that the client retries to success; /dev/shm must
+   not end full, and the server must still be ready. A body over the front's cap must get 413.
+6. Stops the container with SIGTERM: it must exit 0 well before the grace period ends.
 
 Prints one JSON report (build time, image size, the JSON answers, max abs diff, stop time).
 Exit 0: all held; 1: something did not; 77: no container engine can run containers here.
@@ -59,6 +64,10 @@ BASE_IMAGE = "localhost/debian:bookworm"
 IMAGE = "localhost/crisis-triton:cpu"
 CONTAINER_UID = "1000"
 STOP_GRACE = int(STOP_TIMEOUT) + 10  # the container runtime's SIGKILL deadline
+# The documented --shm-size (docs/deploy.md; compose shm_size, the Kubernetes emptyDir): what
+# deploy/sizing.py's rule gives a default export (tests/test_container_files.py checks both).
+SHM_SIZE = "576m"
+MONITORING_DIR = "/opt/crisis-triton/monitoring"
 IMAGE_FILE = ROOT / "examples" / "flooded_house.jpg"
 TEXT = "Flood waters rising in #Houston, families on rooftops https://t.co/x"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -191,13 +200,55 @@ def run_container(runtime: Runtime, repository: Path, name: str) -> dict[str, in
     args = ["run", "-d", "--name", name, *runtime.run_flags]
     args += ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL"]
     args += ["--security-opt", "no-new-privileges"]
-    args += ["--shm-size", "512m"]  # the python backend's pools (docs/reliability.md: /dev/shm)
+    args += ["--shm-size", SHM_SIZE]  # the python backend's pools (deploy/sizing.py)
     args += ["-p", f"127.0.0.1:{ports['http']}:{HTTP_PORT}"]
     args += ["-p", f"127.0.0.1:{ports['grpc']}:{GRPC_PORT}"]
     args += ["-p", f"127.0.0.1:{ports['metrics']}:{METRICS_PORT}"]
     args += ["-v", f"{repository}:/models:ro", IMAGE]
     runtime.call(*args)
     return ports
+
+
+def shm_in(runtime: Runtime, name: str) -> dict[str, int]:
+    """/dev/shm of the container: total, used and free bytes."""
+    code = "import shutil; u = shutil.disk_usage('/dev/shm'); print(u.total, u.used, u.free)"
+    out = runtime.call("exec", name, "python3", "-c", code).stdout.split()
+    return dict(zip(("total", "used", "free"), map(int, out), strict=True))
+
+
+def over_cap_status(url: str, cap: int) -> int | None:
+    """The status of an inference request whose body is one byte over the front's cap."""
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/crisis_classifier/infer", data=b"x" * (cap + 1), method="POST"
+    )
+    try:
+        with _NO_PROXY.open(request, timeout=60) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def burst_checks(runtime: Runtime, name: str, url: str, models: Path) -> dict[str, Any]:
+    """The burst of large posts beside small ones, /dev/shm after it, readiness, the body cap."""
+    from benchmarks.burst import run_burst
+    from deploy.sizing import read_sizing
+
+    sizing = read_sizing(models)
+    assert sizing.max_image_bytes is not None
+    log(f"burst: 32 clients x (2 photos of {sizing.max_image_bytes - 1024} bytes + 2 small posts)")
+    result = run_burst(url, large_bytes=sizing.max_image_bytes - 1024)
+    ready = http_get(f"http://{url}{READY_PATH}")
+    return {
+        "burst": result.as_json(),
+        "shm_after_burst": shm_in(runtime, name),
+        "ready_after_burst": ready is not None and ready[0] == 200,
+        "over_cap_status": over_cap_status(url, sizing.body_cap),
+        "monitoring_files": sorted(
+            runtime.call("exec", name, "ls", MONITORING_DIR, check=False).stdout.split()
+        ),
+    }
 
 
 def healthcheck(runtime: Runtime, name: str) -> str:
@@ -238,8 +289,9 @@ def check(runtime: Runtime, repository: Path | None, base: str) -> dict[str, Any
         os.chmod(tmp_path, 0o755)
         source = repository or export_tiny(tmp_path / "export")
         models = readable_copy(source, tmp_path)
-        ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-        with EmbeddedServer(models, **ports) as server:
+        with EmbeddedServer(
+            models, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+        ) as server:
             report["embedded"] = classify(server.url_http)
             tasks = sorted(report["embedded"])
             raw_embedded = raw_probabilities(server.url_http, tasks)
@@ -253,6 +305,7 @@ def check(runtime: Runtime, repository: Path | None, base: str) -> dict[str, Any
             raw_container = raw_probabilities(url, tasks)
             metrics = http_get(f"http://127.0.0.1:{ports['metrics']}{METRICS_PATH}")
             report["metrics_ok"] = bool(metrics and "nv_inference_request_success" in metrics[1])
+            report.update(burst_checks(runtime, name, url, models))
             report["healthcheck"] = healthcheck(runtime, name)
             uid = runtime.call("exec", name, "id", "-u", check=False).stdout.strip()
             report["container_uid"] = uid
@@ -285,6 +338,18 @@ def failures(report: Mapping[str, Any]) -> list[str]:
         problems.append(f"HEALTHCHECK: {report['healthcheck']}")
     if not report["metrics_ok"]:
         problems.append("metrics port does not serve nv_inference_request_success")
+    burst = report["burst"]
+    if not burst["passed"]:
+        problems.append(f"burst: answers {burst['answers']}, errors {burst['errors'][:3]}")
+    shm = report["shm_after_burst"]
+    if shm["free"] < 1024 * 1024:
+        problems.append(f"/dev/shm full after the burst: {shm}")
+    if not report["ready_after_burst"]:
+        problems.append("not ready after the burst")
+    if report["over_cap_status"] != 413:
+        problems.append(f"a body over the front's cap got {report['over_cap_status']}, not 413")
+    if "crisis.rules.yml" not in report["monitoring_files"]:
+        problems.append(f"{MONITORING_DIR} lacks the alert rules: {report['monitoring_files']}")
     return problems
 
 

@@ -4,13 +4,16 @@ import. (The built image itself: tests/test_container.py.)"""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from deploy.front import MAX_CONNECTIONS
 from deploy.serve import build_parser
 from deploy.server import (
     GRPC_PORT,
@@ -22,7 +25,9 @@ from deploy.server import (
     STOP_TIMEOUT,
     exit_timeout_secs,
 )
+from deploy.sizing import container_shm, parse_size, python_backend_args, read_sizing
 from export.repository import REQUIREMENTS
+from scripts.container_check import MONITORING_DIR, SHM_SIZE
 from tests.conftest import ROOT
 from tests.deploy_files import DEPLOY, DOCKERFILE, dockerfile_args, dockerfile_stages, flags, tool
 
@@ -208,3 +213,89 @@ def test_compose_prometheus_scrapes_the_metrics_port() -> None:
     assert int(port) == METRICS_PORT
     for service in ("triton-cpu", "triton-gpu"):
         assert host in COMPOSE["services"][service]["networks"]["default"]["aliases"]
+
+
+# ------------------------------------------------------------------------ front, /dev/shm, files
+
+
+def test_cpu_image_runs_the_front_with_debians_nginx() -> None:
+    args = build_parser().parse_args(STAGES["cpu"].exec_form("CMD")[2:])
+    assert args.front  # nginx answers 8000/8001: the body cap, requests in flight past /dev/shm
+    installs = [run for run in STAGES["cpu"].all("RUN") if "apt-get install" in run]
+    assert any(re.search(r"\bnginx\b", run) for run in installs)
+    # the package's scripts cannot start an nginx during the build
+    assert any("policy-rc.d" in run for run in installs)
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Every module a file imports, at the top or inside functions, with its line."""
+    tree = ast.parse(path.read_text())
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, node.lineno))
+    return found
+
+
+def test_cpu_image_copies_every_module_the_launcher_imports() -> None:
+    """The image holds deploy/ files only (no export, client or benchmarks package): every
+    deploy module the copied ones import is copied too, and none imports the others."""
+    copied = {
+        Path(source).name
+        for line in STAGES["cpu"].all("COPY")
+        for source in line.split()[:-1]
+        if source.startswith("deploy/") and source.endswith(".py")
+    }
+    problems = []
+    for name in sorted(copied):
+        for module, line in _imports(DEPLOY / name):
+            top, _, rest = module.partition(".")
+            if top in ("export", "client", "benchmarks", "tests"):
+                problems.append(f"deploy/{name}:{line} imports {module}, not in the image")
+            elif top == "deploy" and rest and f"{rest.split('.')[0]}.py" not in copied:
+                problems.append(f"deploy/{name}:{line} imports {module}, which is not copied")
+    assert not problems, "\n".join(problems)
+
+
+def test_cpu_image_ships_the_monitoring_files() -> None:
+    copies = STAGES["cpu"].all("COPY")
+    assert f"deploy/monitoring/ {MONITORING_DIR}/" in copies
+    assert f"deploy/prometheus.yml {MONITORING_DIR}/prometheus.yml" in copies
+    assert (DEPLOY / "monitoring" / "crisis.rules.yml").is_file()
+
+
+def test_gpu_command_sizes_the_python_backend_pools_as_the_rule() -> None:
+    command = STAGES["gpu"].exec_form("CMD")
+    pairs = python_backend_args()
+    for flag, value in zip(pairs[::2], pairs[1::2], strict=True):
+        assert f"{flag}={value}" in command
+
+
+@pytest.fixture(scope="module")
+def default_need(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """/dev/shm a default export needs with the front's default requests in flight."""
+    from tests.conftest import run_export
+
+    out = tmp_path_factory.mktemp("default_configs")
+    assert run_export("--configs-only", "--out", str(out)) == 0
+    return read_sizing(out).shm_needed(MAX_CONNECTIONS)
+
+
+def test_documented_shm_size_is_the_rules(default_need: int) -> None:
+    """compose's shm_size, the container check's --shm-size and the one docs/deploy.md runs are
+    one size, what deploy/sizing.py gives a default export (in whole 64 MiB steps)."""
+    assert container_shm(default_need) == SHM_SIZE
+    for service in ("triton-cpu", "triton-gpu"):
+        assert COMPOSE["services"][service]["shm_size"] == SHM_SIZE
+    assert f"--shm-size {SHM_SIZE}" in (ROOT / "docs" / "deploy.md").read_text()
+    assert parse_size(SHM_SIZE) >= default_need
+
+
+def test_compose_prometheus_loads_the_alert_rules() -> None:
+    prometheus = COMPOSE["services"]["prometheus"]
+    rules = [v for v in prometheus["volumes"] if v["source"] == "./monitoring"]
+    assert rules and rules[0]["read_only"] is True
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    assert any(f.startswith(rules[0]["target"] + "/") for f in config["rule_files"])

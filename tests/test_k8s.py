@@ -207,3 +207,48 @@ def test_adapter_rule_reads_metrics_a_real_server_exports(tiny_repo: Path) -> No
         text = opener.open(url, timeout=10).read().decode()
     for name in used:
         assert re.search(rf'^{name}\{{model="{DEFAULT_MODEL}"', text, re.M), name
+
+
+def test_shm_volume_is_the_rules_size(overlay) -> None:
+    """/dev/shm is a Memory emptyDir of the size deploy/sizing.py gives a default export: the
+    compose file's and the container check's (tests/test_container_files.py ties those to the
+    rule); serve.py finds it there and lets fewer requests in when it is smaller."""
+    from deploy.sizing import parse_size
+    from scripts.container_check import SHM_SIZE
+
+    _, objects = overlay
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    shm = volumes["shm"]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    assert parse_size(shm["sizeLimit"]) == parse_size(SHM_SIZE)
+
+
+def _with_component(tmp_path: Path, overlay_name: str, component_name: str) -> dict[str, dict]:
+    overlay_dir = os.path.relpath(K8S / "overlays" / overlay_name, tmp_path)
+    component = os.path.relpath(K8S / "components" / component_name, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{overlay_dir}]\ncomponents: [{component}]\n"
+    )
+    return by_kind(kustomize(tmp_path))
+
+
+def test_tls_component_serves_the_front_over_tls(tmp_path: Path) -> None:
+    """On the cpu overlay: serve.py gets --tls-cert/--tls-key from the Secret, mounted read-only
+    where the flags point, and the probes speak HTTPS; the objects validate."""
+    objects = _with_component(tmp_path, "cpu", "tls")
+    _validate(list(objects.values()))
+    container = _container(objects)
+    parsed = build_parser().parse_args(container["args"][2:])
+    assert parsed.front and parsed.tls_cert is not None and parsed.tls_key is not None
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["tls"]["readOnly"] is True
+    for path in (parsed.tls_cert, parsed.tls_key):
+        assert path.parent == Path(mounts["tls"]["mountPath"])
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes["tls"]["secret"]
+    # the key names of a kubernetes.io/tls Secret
+    assert {parsed.tls_cert.name, parsed.tls_key.name} == {"tls.crt", "tls.key"}
+    assert secret["defaultMode"] & 0o007 == 0  # the key: owner and group (fsGroup 1000) only
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS", probe

@@ -216,3 +216,17 @@ def test_burst_of_large_posts_through_the_front_in_a_small_shm(
     (warning,) = result["server"]["serve_warnings"]
     assert "requests in flight, not" in warning
     assert result["passed"] and done.returncode == 0
+
+
+def test_sizing_command_says_what_a_repository_needs(default_configs: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.sizing", str(default_configs), "--in-flight", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    need = read_sizing(default_configs).shm_needed(8)
+    assert f"/dev/shm needed: {need / MIB:.1f} MiB" in done.stdout
+    assert f"give it {container_shm(need)}" in done.stdout and "preprocess: 2 x" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "deploy.sizing", str(default_configs / "nope")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr
