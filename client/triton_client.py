@@ -762,8 +762,11 @@ class CrisisClient:
                     f"{strip_triton_prefix(detail)} (a missing or wrong header? see --header)"
                 ) from None
             if kind == "tls":
+                hint = "see --root-certs, --client-cert"
+                if "CERTIFICATE_REQUIRED" in detail.upper():  # the server's alert (TLS 1.3)
+                    hint = "the server requires a client certificate: see --client-cert"
                 raise ServerUnreachableError(
-                    f"TLS with {self._where()} failed: {detail} (see --root-certs, --client-cert)"
+                    f"TLS with {self._where()} failed: {detail} ({hint})"
                 ) from None
             if kind == "timeout" and status == "504":
                 raise RequestTimeoutError(
