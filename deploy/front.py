@@ -479,10 +479,12 @@ class NginxFront:
                 returncode = self._proc.poll()
                 self.stop(grace=1.0, keep=True)
                 why = f"exited with code {returncode}" if returncode is not None else "timed out"
-                raise FrontError(
+                message = (
                     f"nginx {why} before listening on ports {cfg.http_port} and "
                     f"{cfg.grpc_port}:\n{self.log_tail()}"
                 )
+                self._remove_prefix()
+                raise FrontError(message)
             time.sleep(0.05)
         return self
 

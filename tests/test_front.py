@@ -132,6 +132,23 @@ def test_an_unreachable_triton_is_a_retryable_answer() -> None:
     assert front.poll() == 0 and not prefix.exists()
 
 
+@pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+def test_front_start_failures_say_why(tmp_path: Path) -> None:
+    from deploy.front import FrontError
+
+    certs = make_certificates(tmp_path / "certs")
+    ports = [free_port() for _ in range(4)]
+    mismatched = FrontConfig("127.0.0.1", *ports, FrontLimits(1000), certs.ca_cert,
+                             certs.server_key)  # fmt: skip
+    with pytest.raises(FrontError, match="refused its configuration.*key values mismatch"):
+        NginxFront(mismatched).start()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[0]))
+        taken.listen()
+        with pytest.raises(FrontError, match=f"port {ports[0]} .* already in use"):
+            NginxFront(FrontConfig("127.0.0.1", *ports, FrontLimits(1000))).start()
+
+
 def test_serve_py_refuses_front_flags_alone(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for args, message in (
