@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TASK=PATH",
-        help="head-only state_dict of one task (research key names without the "
-        "encoders), for pretrained --encoders; repeatable",
+        help="head weights of one task, repeatable: a file of train/train_head.py (any head; "
+        "exported only beside the encoders it was trained on) or a plain research state_dict "
+        "without the encoders. Beside pretrained --encoders, or --random-weights encoders "
+        "(tests, demos)",
     )
     src.add_argument(
         "--encoders",

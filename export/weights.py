@@ -2,7 +2,8 @@
 
 Three sources, one per run: the research checkpoints of the paper (one per task; the encoders
 come from the checkpoints and must be identical across them), head-only weight files beside
-pretrained encoders, or random weights (tests, offline demos). :func:`load_models` turns a
+pretrained encoders (or beside random encoders: heads trained on their cached features, for tests
+and demos), or random weights (tests, offline demos). :func:`load_models` turns a
 source into the encoders and one head per task; every problem with the source is a
 :class:`UsageError` naming the command-line option that caused it. :func:`load_weights` gives
 the same and what the heads can answer (:class:`LoadedModels`: the head type, whether posts
@@ -12,7 +13,8 @@ Head-only files are plain state dicts (the research key names) or the files trai
 writes: ``{"state_dict": {...}, "crisis_head": {"head": "guided_ca_diff"|"guided_ca"|"cma_clip",
 "task": T, "modality_dropout": P, "config": {...}, "encoders": ..., "metrics": {...}}}``, read
 with ``torch.load(weights_only=True)`` as every checkpoint. cma_clip heads come only in that
-format (their sizes are in "config").
+format (their sizes are in "config"). A head file that names the encoders it was trained on
+("encoders_sha256", export.encoders.weights_sha256) is exported only beside those very encoders.
 
 Example::
 
@@ -72,11 +74,13 @@ class WeightsSource:
 
     Attributes:
         checkpoints: task -> research checkpoint (``--checkpoint TASK=PATH``).
-        head_weights: task -> head-only state_dict for pretrained encoders (``--head-weights``).
+        head_weights: task -> head-only weight file, beside pretrained encoders or random ones
+            (``--head-weights``).
         encoders: ``hf:HUB_NAME | hf:LOCAL_FOLDER | openclip:MODEL:TAG_OR_FILE``; with
             checkpoints only the architecture is used (``--encoders``).
         head: head variant; None: what the checkpoint holds, else guided_ca_diff (``--head``).
-        random_weights: random encoders and heads (``--random-weights``).
+        random_weights: random encoders, and random heads unless head_weights are given
+            (``--random-weights``).
         size: with random_weights: "base" (ViT-B/32, the default) or "tiny" (``--size``).
         tasks: the tasks of random_weights; None (or empty): DEFAULT_TASKS (``--tasks``).
         seed: seed of random_weights (``--seed``).
@@ -228,8 +232,8 @@ def load_weights(source: WeightsSource) -> LoadedModels:
 
     checkpoints = source.checkpoints
     head_files = source.head_weights
-    if source.random_weights and (checkpoints or head_files):
-        raise UsageError("--random-weights cannot be combined with --checkpoint/--head-weights")
+    if source.random_weights and checkpoints:
+        raise UsageError("--random-weights cannot be combined with --checkpoint")
     if source.size and not source.random_weights:
         raise UsageError("--size is only for --random-weights (a checkpoint fixes the size)")
     if checkpoints and head_files:
@@ -245,7 +249,7 @@ def load_weights(source: WeightsSource) -> LoadedModels:
         family, ref, tag = parse_encoders(source.encoders)
         if source.head == CMA_CLIP and family != "hf":
             raise UsageError("cma_clip needs Hugging Face CLIP encoders (--encoders hf:...)")
-        if source.random_weights:
+        if source.random_weights and not head_files:
             tasks = source.tasks or DEFAULT_TASKS
             bad = [t for t in tasks if t not in ALL_TASKS]
             if bad:
@@ -296,10 +300,12 @@ def load_weights(source: WeightsSource) -> LoadedModels:
                 "no weights: give --checkpoint TASK=PATH, --head-weights TASK=PATH "
                 "or --random-weights"
             )
+        if source.tasks:
+            raise UsageError("--tasks is for random heads; --head-weights names the tasks")
         if family == "openclip":
-            enc = openclip_encoders(ref, tag, random_weights=False)
+            enc = openclip_encoders(ref, tag, random_weights=source.random_weights)
         else:
-            enc = hf_encoders(ref, False, None)
+            enc = hf_encoders(ref, source.random_weights, source.size, seed=source.seed)
         heads = {}
         trained: dict[str, dict] = {}
         kinds: dict[str, str] = {}
@@ -308,6 +314,7 @@ def load_weights(source: WeightsSource) -> LoadedModels:
             kinds[t] = _head_kind(source, t, path, state, facts)
             if facts is not None:
                 trained[t] = facts
+                _check_trained_on(enc, facts, t, path)
             if kinds[t] == CMA_CLIP:
                 heads[t] = _load_cma_clip(state, facts, t, enc, path)
             else:
@@ -354,6 +361,24 @@ def _head_kind(
         if any(k.startswith("multihead_diffattn.") for k in state)
         else HEAD_VARIANTS[1]
     )
+
+
+def _check_trained_on(enc: Encoders, facts: dict, task: str, path: Path) -> None:
+    """A head learnt on the features of some encoders answers rightly only beside those: a head
+    file naming them (encoders_sha256) must match the encoders of this export."""
+    from export.encoders import weights_sha256
+
+    want = facts.get("encoders_sha256")
+    if not want:
+        return
+    have = weights_sha256(enc.image, enc.text)
+    if have != want:
+        raise UsageError(
+            f"--head-weights {task}={path}: trained on the features of other encoders "
+            f"({facts.get('encoders', '?')}, weights sha256 {str(want)[:12]}...) than these "
+            f"({enc.description}, {have[:12]}...): export with the encoder options it was trained "
+            "with (train/cache_features.py's)"
+        )
 
 
 def _load_cma_clip(

@@ -4,8 +4,8 @@
   PyTorch forward (<= 1e-4), with an image and without one (the image masked: image_present 0);
   posts with and without an image batched together keep their own answers;
 - the paper's head without modality dropout (tests/conftest.py's tiny_repo) refuses a text-only
-  post with the error that says why; a head file trained with modality dropout answers it equal
-  to its forward with zeroed image features;
+  post with the error that says why (heads trained by train/train_head.py, the cma_clip head and
+  the paper's with modality dropout, served: tests/test_trained_head_serving.py);
 - image-only posts (empty text) are answered by every head; the answer says which modalities
   were used; the CLI's --no-image shows it and the modality weights;
 - the export refuses what it does not verify for cma_clip (reduced precisions, other flavours).
@@ -245,68 +245,6 @@ def test_paper_head_without_modality_dropout_refuses_text_only_saying_why(tiny_r
     assert pre["image_optional"] is False
 
 
-@pytest.fixture(scope="module")
-def dropout_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(local tiny CLIP folder, head file in train_head.py's format, trained with modality
-    dropout 0.3) for the paper's guided_ca_diff head."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
-    from export.head import random_head
-    from export.spec import load_encoder_config
-
-    folder = tmp_path_factory.mktemp("dropout")
-    torch.manual_seed(11)
-    CLIPModel(CLIPConfig(**load_encoder_config("hf-clip-tiny").hf_config)).save_pretrained(
-        folder / "clip"
-    )
-    head = random_head(64, 48, "task1", "guided_ca_diff", seed=12)
-    facts = {"head": "guided_ca_diff", "task": "task1", "modality_dropout": 0.3, "config": {}}
-    path = folder / "head_task1.pt"
-    torch.save({"state_dict": head.state_dict(), "crisis_head": facts}, path)
-    return folder / "clip", path
-
-
-def test_paper_head_trained_with_modality_dropout_answers_text_only(
-    dropout_head: tuple[Path, Path], tmp_path: Path
-) -> None:
-    import torch
-
-    from export.head import build_multitask_head
-    from export.preprocess import Preprocessor, PreprocessSpec
-    from export.weights import WeightsSource, load_weights
-
-    clip, head_file = dropout_head
-    args = ("--encoders", f"hf:{clip}", "--head-weights", f"task1={head_file}")
-    assert run_export(*args, "--out", str(tmp_path / "repo")) == 0
-    loaded = load_weights(WeightsSource(head_weights={"task1": head_file}, encoders=f"hf:{clip}"))
-    assert loaded.text_only and loaded.head_type == "guided_ca_diff"
-    head = loaded.heads["task1"]
-    pre = Preprocessor(PreprocessSpec(image_optional=True))
-    posts = [(make_image(21), "Bridge collapsed"), (None, "Bridge collapsed"), (None, "")]
-    names = [probs_name("task1"), MODALITIES_USED]
-    with serve(tmp_path / "repo") as srv:
-        for image, text in posts:
-            got = served(srv.url_http, image, text, names)
-            p = pre.encode([image], [text])
-            with torch.no_grad():
-                x_img = loaded.encoders.image(torch.from_numpy(p.pixels))
-                if image is None:
-                    x_img = torch.zeros_like(x_img)  # modality dropout: zeroed image features
-                x_txt = loaded.encoders.text(torch.from_numpy(p.input_ids))
-                want = torch.softmax(head(x_img, x_txt), dim=-1)[0].numpy()
-            assert np.abs(got[probs_name("task1")] - want).max() <= ATOL, (image is None, text)
-            assert list(got[MODALITIES_USED]) == list(p.modalities_used[0])
-    # the multi-task graph with image_present 1 is the plain head, with 0 the zeroed features
-    multi = build_multitask_head(loaded.heads, ("task1",), text_only=True)
-    x = torch.randn(3, 64), torch.randn(3, 48)
-    with torch.no_grad():
-        (on,) = multi(*x, torch.ones(3, 1))
-        (off,) = multi(*x, torch.zeros(3, 1))
-        assert torch.equal(on, torch.softmax(head(*x), -1))
-        assert torch.equal(off, torch.softmax(head(torch.zeros(3, 64), x[1]), -1))
-
-
 # ---------------------------------------------------------------------------- export refusals
 
 
@@ -333,16 +271,6 @@ def test_export_refuses_cma_clip_from_research_checkpoints(
                       "--out", str(tmp_path / "r"))  # fmt: skip
     assert code == 2
     assert "cma_clip heads come from --head-weights" in capsys.readouterr().err
-
-
-def test_head_file_for_another_task_is_refused(
-    dropout_head: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    clip, head_file = dropout_head
-    code = run_export("--encoders", f"hf:{clip}", "--head-weights", f"task3={head_file}",
-                      "--out", str(tmp_path / "r"))  # fmt: skip
-    assert code == 2
-    assert "trained for task1, not task3" in capsys.readouterr().err
 
 
 def test_ensemble_takes_image_as_optional(cma_repo: Path, tiny_repo: Path) -> None:
