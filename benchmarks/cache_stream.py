@@ -26,35 +26,50 @@ from deploy.server import DEFAULT_CACHE_MB
 from export.spec import ENSEMBLE, HEAD, IMAGE_ENCODER, TEXT_ENCODER
 
 CACHED = (ENSEMBLE, IMAGE_ENCODER, TEXT_ENCODER, HEAD)  # what export.py --response-cache caches
-HITS_METRIC = "nv_cache_num_hits_per_model"
-MISSES_METRIC = "nv_cache_num_misses_per_model"
-_SAMPLE = re.compile(r"^(nv_cache_num_(?:hits|misses)_per_model)\{([^}]*)\} (\S+)$", re.M)
+# Triton's per-model cache metrics (/metrics) -> the keys they are kept under here: counts, and the
+# cumulative microseconds spent on hits (lookup + copy out) and misses (lookup + insert).
+METRICS = {
+    "nv_cache_num_hits_per_model": "hits",
+    "nv_cache_num_misses_per_model": "misses",
+    "nv_cache_hit_duration_per_model": "hit_us",
+    "nv_cache_miss_duration_per_model": "miss_us",
+}
+COUNTS = ("hits", "misses")
+_SAMPLE = re.compile(r"^(nv_cache_\w+_per_model)\{([^}]*)\} (\S+)$", re.M)
 _MODEL_LABEL = re.compile(r'model="([^"]*)"')
 # The two servers each stream is sent to: (label, serve.py --cache-mb); None: the repository's
 # default (DEFAULT_CACHE_MB, as its configs enable the cache).
 SETTINGS: tuple[tuple[str, int | None], ...] = (("off", 0), ("on", None))
 
 
-def cache_counts(url_metrics: str) -> dict[str, dict[str, int]]:
-    """{model: {"hits": n, "misses": n}} from Triton's /metrics (models with a cache only)."""
+def cache_metrics(url_metrics: str) -> dict[str, dict[str, int]]:
+    """{model: {"hits", "misses", "hit_us", "miss_us"}} from Triton's /metrics (models with a
+    cache only)."""
     answer = http_request("GET", f"http://{url_metrics}/metrics", timeout=10.0)
     if answer is None or answer[0] != 200:
         raise RuntimeError(f"no metrics at http://{url_metrics}/metrics")
-    counts: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, int]] = {}
     for name, labels, value in _SAMPLE.findall(answer[1].decode("utf-8", "replace")):
         model = _MODEL_LABEL.search(labels)
-        if model is None:
+        if model is None or name not in METRICS:
             continue
-        key = "hits" if name == HITS_METRIC else "misses"
-        entry = counts.setdefault(model.group(1), {"hits": 0, "misses": 0})
-        entry[key] += int(float(value))
-    return counts
+        entry = out.setdefault(model.group(1), dict.fromkeys(METRICS.values(), 0))
+        entry[METRICS[name]] += int(float(value))
+    return out
 
 
-def _delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict:
-    zero = {"hits": 0, "misses": 0}
+def cache_counts(url_metrics: str) -> dict[str, dict[str, int]]:
+    """{model: {"hits": n, "misses": n}}: nv_cache_num_hits_per_model and ..._misses_..."""
+    return {m: {k: v[k] for k in COUNTS} for m, v in cache_metrics(url_metrics).items()}
+
+
+def _delta(
+    before: dict[str, dict[str, int]],
+    after: dict[str, dict[str, int]],
+    keys: Sequence[str] = COUNTS,
+) -> dict[str, dict[str, int]]:
     return {
-        m: {k: after.get(m, zero)[k] - before.get(m, zero)[k] for k in ("hits", "misses")}
+        m: {k: after.get(m, {}).get(k, 0) - before.get(m, {}).get(k, 0) for k in keys}
         for m in CACHED
     }
 
@@ -72,7 +87,7 @@ def measure(
     change per cached model (`cache_counts`)."""
     outputs = loadgen.ensemble_outputs(server.url_http)
     url = server.url_grpc if protocol == "grpc" else server.url_http
-    before = cache_counts(server.url_metrics)
+    before = cache_metrics(server.url_metrics)
     with ForeignCpu((server.pid,)) as other:
         row = loadgen.closed_loop(
             protocol,
@@ -90,21 +105,29 @@ def measure(
             **extra,
         )
     row["foreign_cpu_cores"] = other.cores  # cores other processes took meanwhile (shared VM)
-    row["cache_counts"] = _settled_counts(server.url_metrics, before, len(posts))
+    row["cache_counts"], spent = _settled(server.url_metrics, before, len(posts))
+    # microseconds per lookup the cache cost each model (hashing the inputs, copying outputs)
+    row["cache_us_per_lookup"] = {
+        m: round((spent[m]["hit_us"] + spent[m]["miss_us"]) / n, 1)
+        for m, c in row["cache_counts"].items()
+        if (n := c["hits"] + c["misses"])
+    }
     return row
 
 
-def _settled_counts(
+def _settled(
     url_metrics: str, before: dict[str, dict[str, int]], requests: int, wait_s: float = 3.0
-) -> dict[str, dict[str, int]]:
-    """The counters' change once every request's image-encoder lookup is counted (Triton may
-    count one a moment after the answer left); at once where nothing was looked up (no cache)."""
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """(counts, durations) changed since `before`, once every request's image-encoder lookup is
+    counted (Triton may count one a moment after the answer left); at once where nothing was
+    looked up (no cache)."""
     deadline = time.monotonic() + wait_s
     while True:
-        delta = _delta(before, cache_counts(url_metrics))
-        looked_up = sum(delta[IMAGE_ENCODER].values())
+        after = cache_metrics(url_metrics)
+        counts = _delta(before, after)
+        looked_up = sum(counts[IMAGE_ENCODER].values())
         if looked_up == 0 or looked_up >= requests or time.monotonic() > deadline:
-            return delta
+            return counts, _delta(before, after, ("hit_us", "miss_us"))
         time.sleep(0.05)
 
 
@@ -165,8 +188,9 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         "photos seen before (at least `concurrency` requests earlier).",
         "",
         "| photos repeated | cache | req/s | p50 ms | p99 ms | image_encoder hits / misses "
-        "| text_encoder hits | ensemble hits | errors | other processes (cores) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| image_encoder cache µs/lookup | text_encoder hits | ensemble hits | errors "
+        "| other processes (cores) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         counts = r.get("cache_counts", {})
@@ -175,6 +199,7 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
             f"| {r['photo_repeat']:.0%} ({r['repeated_photos']}) | {r['cache']} "
             f"| {fmt(r['throughput_rps'], 2)} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} "
             f"| {image.get('hits', 0)} / {image.get('misses', 0)} "
+            f"| {fmt(r.get('cache_us_per_lookup', {}).get(IMAGE_ENCODER))} "
             f"| {counts.get(TEXT_ENCODER, {}).get('hits', 0)} "
             f"| {counts.get(ENSEMBLE, {}).get('hits', 0)} | {r['errors']} "
             f"| {fmt(r.get('foreign_cpu_cores'), 2)} |"

@@ -309,5 +309,6 @@ def test_cache_stream_counts_the_repeats(servers: Any) -> None:
     assert row["cache_counts"][IMAGE_ENCODER] == {"hits": 6, "misses": 6}
     assert row["cache_counts"][TEXT_ENCODER]["hits"] == 0
     assert row["cache_counts"][ENSEMBLE]["hits"] == 0
+    assert row["cache_us_per_lookup"][IMAGE_ENCODER] > 0  # hashing 600 KB of pixels is not free
     table = cache_stream.markdown([row], {"machine": {"label": "test"}, "requests": 12})
     assert "| 50% (6) |" in table
