@@ -193,7 +193,7 @@ def trained_head(
     out = folder / f"{task}_{head}.pt"
     sizes = ("--cma-dim", "64", "--cma-layers", "1") if head == "cma_clip" else ()
     code = main(["--features", str(cache), "--task", task, "--head", head, "--out", str(out),
-                 "--epochs", "4", "--patience", "2", *sizes, *extra])  # fmt: skip
+                 "--epochs", "4", "--patience", "2", "--threads", "1", *sizes, *extra])  # fmt: skip
     if code != 0:
         raise RuntimeError(f"train_head.py exited with {code}")
     return out

@@ -23,7 +23,7 @@ from train.features import FeatureCache
 from train.train_head import classification_metrics
 from train.train_head import main as train_main
 
-FAST = ("--epochs", "6", "--patience", "2")
+FAST = ("--epochs", "6", "--patience", "2", "--threads", "1")
 CMA_SMALL = ("--cma-dim", "64", "--cma-layers", "1")
 
 

@@ -102,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="initialisation, order, dropout (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for the paper's heads, whose small matrices gain "
+        "nothing from more and lose much on a busy machine; torch's default for cma_clip)",
+    )
     p.add_argument(
         "--no-verify",
         dest="verify",
@@ -334,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    previous_threads = torch.get_num_threads()  # restored: main() may run inside other programs
     try:
         if not 0.0 <= args.modality_dropout < 1.0:
             raise DataError(f"--modality-dropout {args.modality_dropout}: expected 0 <= P < 1")
@@ -341,8 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError("--epochs, --batch-size and --patience must be >= 1")
         if args.plain and args.head == "cma_clip":
             raise DataError("--plain is for the paper's heads (research key names) only")
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        if args.threads is not None and args.threads < 1:
+            raise DataError("--threads must be >= 1")
+        threads = args.threads or (1 if args.head in GUIDED_HEADS else None)
+        if threads:
+            torch.set_num_threads(threads)
         cache = FeatureCache.open(args.features)
         if args.head == "cma_clip" and not cache.has_tokens:
             raise DataError(f"{args.features}: cached with --no-tokens; cma_clip needs the tokens")
@@ -353,10 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         model, config, metrics = train(args, cache)
+        meta = head_metadata(args, cache, config, metrics)
     except DataError as exc:
         print(f"train_head.py: error: {exc}", file=sys.stderr)
         return 2
-    meta = head_metadata(args, cache, config, metrics)
+    finally:
+        torch.set_num_threads(previous_threads)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state if args.plain else {"state_dict": state, "crisis_head": meta}, args.out)
