@@ -68,7 +68,9 @@ KEEPALIVE_REQUESTS = 1000
 UPSTREAM_CONNECT_TIMEOUT_S = 5
 UPSTREAM_READ_TIMEOUT_S = 300
 UPSTREAM_KEEPALIVE = 16  # idle connections to Triton kept open, per port
-SHUTDOWN_TIMEOUT_S = 20  # in-flight requests finish within this after SIGQUIT (graceful stop)
+# In-flight requests finish within this after SIGQUIT (graceful stop); inside serve.py's stop
+# deadline (deploy/server.py STOP_TIMEOUT, 30 s), the rest of which is tritonserver's.
+SHUTDOWN_TIMEOUT_S = 20
 WORKER_PROCESSES = 1  # one event loop holds thousands of connections; inference is the bottleneck
 WORKER_CONNECTIONS = 4096  # open connections per worker (idle keep-alive ones included)
 CLIENT_BODY_BUFFER = 1024 * 1024  # bodies up to this stay in memory, larger ones go to a file

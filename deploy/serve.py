@@ -35,6 +35,7 @@ if importlib.util.find_spec("deploy") is None:  # `python deploy/serve.py`, proj
 
 from deploy.front import (
     MAX_CONNECTIONS,
+    SHUTDOWN_TIMEOUT_S,
     FrontConfig,
     FrontError,
     NginxFront,
@@ -50,6 +51,7 @@ from deploy.server import (
     HTTP_PORT,
     METRICS_PORT,
     RESTRICTED_APIS,
+    STOP_TIMEOUT,
     EmbeddedServer,
     RepositoryError,
     ServerStartError,
@@ -354,9 +356,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"tritonserver exited unexpectedly with code {returncode} (log: {server.log_file})")
         return 1
     except _Shutdown:
+        # One stop deadline (STOP_TIMEOUT) for both: the front first (no new requests, those in
+        # flight finish within SHUTDOWN_TIMEOUT_S), then tritonserver, with nothing left in
+        # flight, in the rest of the time.
+        deadline = time.monotonic() + STOP_TIMEOUT
         if front is not None:
-            front.stop()  # first: no new requests, those in flight finish
-        returncode = server.stop()
+            front.stop(grace=SHUTDOWN_TIMEOUT_S + 2)
+        returncode = server.stop(grace=max(5.0, deadline - time.monotonic()))
         # -SIGTERM: stopped while still loading models (before Triton handles signals).
         if returncode not in (0, -signal.SIGTERM, None):
             _error(f"tritonserver stopped with code {returncode} (log: {server.log_file})")
