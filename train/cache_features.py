@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stopping at the first",
     )
     p.add_argument("--batch-size", type=int, default=32, help="encoder batch (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--device",
         default="cpu",
@@ -362,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from export.weights import UsageError, WeightsSource
 
     try:
-        if args.batch_size < 1:
-            raise DataError("--batch-size must be >= 1")
+        if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+            raise DataError("--batch-size and --threads must be >= 1")
         splits = _splits(args.split)
         if not args.image_root.is_dir():
             raise DataError(f"--image-root {args.image_root}: not a folder")
@@ -384,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(RANDOM_CACHE_BANNER, file=sys.stderr)
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         enc.image.to(torch.device(args.device))
         enc.text.to(torch.device(args.device))
