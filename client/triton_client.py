@@ -79,6 +79,11 @@ DENIED_STATUSES: frozenset[str] = frozenset(
 )
 # Header names whose values -v/--verbose shows masked.
 SECRET_HEADER = re.compile(r"key|token|secret|auth|passw|cookie|session|credential|signature", re.I)
+# Headers that frame each request (tritonclient sets them per call): -H may not replace them.
+FRAMING_HEADERS: frozenset[str] = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
+     "trailer", "inference-header-content-length"}
+)  # fmt: skip
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 9110)
 
 T = TypeVar("T")
@@ -432,12 +437,21 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value
 
 
-def check_header(name: str, value: str) -> None:
-    """A header name must be an HTTP token, its value one line (no CR, LF or NUL)."""
+def check_header(name: str, value: str, protocol: str | None = None) -> None:
+    """A header name must be an HTTP token and not one the client sets itself (the framing of the
+    request: `FRAMING_HEADERS`), its value one line (no CR, LF or NUL). gRPC metadata: no binary
+    keys (`-bin`), and the value printable ASCII."""
     if not _HEADER_NAME.match(name):
         raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+    if name.lower() in FRAMING_HEADERS:
+        raise ValueError(f"header {name!r} is set by the client itself for each request")
     if any(c in value for c in "\r\n\0"):
         raise ValueError(f"header {name!r}: the value must be one line")
+    if protocol == "grpc":
+        if name.lower().endswith("-bin"):
+            raise ValueError(f"header {name!r}: binary gRPC metadata (-bin) is not supported")
+        if not all(" " <= c <= "~" for c in value):
+            raise ValueError(f"header {name!r}: gRPC metadata values are printable ASCII")
 
 
 def shown_headers(headers: Mapping[str, str]) -> str:
@@ -543,7 +557,7 @@ class CrisisClient:
         self.root_certs, self.client_cert, self.client_key = tls_files
         self.headers: dict[str, str] = {}
         for name, value in (headers or {}).items():
-            check_header(name, value)
+            check_header(name, value, self.protocol)
             # gRPC metadata keys must be lowercase; HTTP header names ignore case.
             self.headers[name.lower() if self.protocol == "grpc" else name] = value
         self.model_version = model_version
@@ -852,15 +866,36 @@ class CrisisClient:
                 f"{self._what_model()} is not ready on {self._where()}: {exc}"
             ) from None
         if not ready:
-            unknown_version = (
-                f", or the server has no version {self.model_version} of it (--model-version)"
-                if self.model_version is not None
-                else ""
-            )
+            if self.model_version is not None:
+                loaded = self.loaded_versions()
+                if loaded is not None and str(self.model_version) not in loaded:
+                    raise ModelNotReadyError(
+                        f"{self._what_model()} is not served on {self._where()}: its loaded "
+                        f"version(s): {', '.join(loaded) or 'none'} (see --model-version)"
+                    )
             raise ModelNotReadyError(
                 f"{self._what_model()} is not ready on {self._where()} (not loaded, still loading "
-                f"or failed to load: see the server log or /v2/repository/index{unknown_version})"
+                "or failed to load: see the server log or /v2/repository/index)"
             )
+
+    def loaded_versions(self) -> list[str] | None:
+        """The versions of the model the server has loaded, from Triton's statistics extension
+        (sorted numerically); None when the server does not say (e.g. a restricted API)."""
+        kw = self._kwargs()
+        try:
+            if self.protocol == "grpc":
+                stats = self._call(
+                    "model statistics",
+                    lambda c: c.get_inference_statistics(self.model, as_json=True, **kw),
+                )
+            else:
+                stats = self._call(
+                    "model statistics", lambda c: c.get_inference_statistics(self.model, **kw)
+                )
+            versions = {str(s["version"]) for s in stats.get("model_stats", [])}
+        except (ClientError, KeyError, TypeError, AttributeError):
+            return None
+        return sorted(versions, key=lambda v: (len(v), v))
 
     def wait_ready(self, timeout: float = 60.0, poll: float = 0.5) -> None:
         """Poll `check_ready` until it passes; after `timeout` seconds raise its last error."""

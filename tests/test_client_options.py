@@ -137,9 +137,14 @@ def test_bad_urls(url: str, protocol: str | None, message: str) -> None:
 def test_headers_parse_and_mask() -> None:
     assert parse_header("admin-key: s3cr3t") == ("admin-key", "s3cr3t")
     assert parse_header("X-Trace:a:b:c") == ("X-Trace", "a:b:c")  # the first ':' splits
-    for bad in ("no-colon", ":value", "bad name:v", "x:a\nb"):
+    for bad in ("no-colon", ":value", "bad name:v", "x:a\nb", "Content-Length:5"):
         with pytest.raises(ValueError):
             parse_header(bad)
+    assert CrisisClient(headers={"x-note": "héllo"}).headers == {"x-note": "héllo"}  # HTTP: ok
+    for grpc_bad in ({"x-note": "héllo"}, {"x-trace-bin": "abc"}):  # gRPC metadata cannot
+        with pytest.raises(ValueError, match="gRPC metadata"):
+            CrisisClient(protocol="grpc", headers=grpc_bad)
+    assert CrisisClient(protocol="grpc", headers={"X-Trace": "1"}).headers == {"x-trace": "1"}
     shown = shown_headers(
         {"admin-key": "s", "Authorization": "Bearer t", "X-Api-Token": "t", "x-request-id": "r1"}
     )
@@ -475,7 +480,8 @@ def test_model_version_reaches_that_version(server: EmbeddedServer) -> None:
     assert (after_2["1"] - after_1["1"], after_2["2"] - after_1["2"]) == (0, 1)
     code, out, err = run_cli("--url", url, "--model-version", "3")
     line = one_error_line(code, cli.ExitCode.NOT_READY, out, err)
-    assert f"model {ENSEMBLE} version 3 is not ready" in line and "no version 3" in line
+    assert f"model {ENSEMBLE} version 3 is not served" in line
+    assert "its loaded version(s): 1, 2 (see --model-version)" in line
 
 
 def test_verbose_shows_what_is_sent_with_secrets_masked(server: EmbeddedServer) -> None:
