@@ -62,8 +62,8 @@ from deploy.server import (
     new_admin_key,
     refused_extra_args,
     refused_flags,
-    shm_warning,
 )
+from deploy.sizing import SizingError, plan, read_sizing, shm_total
 
 PROG = "serve.py"
 
@@ -279,13 +279,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"{exc} (Python: {sys.executable}); install the project: pip install -e '.[server]'")
         return 1
 
+    # /dev/shm against what the repository's python models need (deploy/sizing.py): the front's
+    # requests in flight are lowered to what fits, a /dev/shm too small for one request refuses.
+    try:
+        sizing = read_sizing(args.model_repository)
+        shm = plan(
+            sizing,
+            shm_total(),
+            front=_front_on(args),
+            max_connections=args.max_connections,
+            body=args.max_body_bytes,
+        )
+    except SizingError as exc:
+        _error(str(exc))
+        return 2
+    if shm.warning is not None:
+        print(f"{PROG}: warning: {shm.warning}", file=sys.stderr, flush=True)
     front_config: FrontConfig | None = None
     if _front_on(args):
         try:
             limits = front_limits(
                 args.model_repository,
-                max_body_bytes=args.max_body_bytes,
-                max_connections=args.max_connections or MAX_CONNECTIONS,
+                max_body_bytes=args.max_body_bytes or sizing.body_cap,
+                max_connections=shm.in_flight or MAX_CONNECTIONS,
             )
         except (OSError, ValueError) as exc:
             _error(f"cannot derive the front's body cap from {args.model_repository} ({exc}); "
@@ -323,8 +339,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_args=args.triton_args,
     )
     front = None if front_config is None else NginxFront(front_config, echo_log=args.echo_log)
-    if (warning := shm_warning()) is not None:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:

@@ -54,6 +54,7 @@ from deploy.server_log import (
     tail,
     tee,
 )
+from deploy.sizing import python_backend_args
 from deploy.tritonserver_install import STUB_NAME as STUB_NAME
 from deploy.tritonserver_install import (
     PathLike,
@@ -494,6 +495,7 @@ class EmbeddedServer:
             *restricted_args(self.admin_key),
             "--log-verbose", "0",
             "--exit-timeout-secs", str(exit_timeout_secs(self.stop_timeout)),
+            *python_backend_args(),  # the pool sizes deploy/sizing.py's rule assumes
         ]  # fmt: skip
         flags = supported_flags(binary)
         if "--metrics-address" in flags:

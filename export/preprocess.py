@@ -101,7 +101,7 @@ class PreprocessSpec:
     caption_separator: str = ""
     apply_exif_orientation: bool = True
     # Limits of one request (the server refuses the request, naming the limit; text is cut).
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = 5 * 1024 * 1024  # a tweet photo is at most 5 MB (deploy/sizing.py)
     max_image_pixels: int = 40_000_000
     max_text_chars: int = 20_000
     # Pillow decoders allowed to open request bytes. Others (EPS, which runs Ghostscript; PSD,
