@@ -643,20 +643,22 @@ class CrisisClient:
             # gevent-based: a client may only be used by the thread that created it.
             import tritonclient.http as httpclient
 
-            tls = {}
+            ssl_args: dict[str, Any] = {}
             if self.endpoint.tls:
                 # geventhttpclient's SSLConnectionPool: "ca_certs" replaces the system's CAs,
                 # "certfile" + "keyfile" are loaded into the context (mutual TLS).
-                options = {"ca_certs": self.root_certs} if self.root_certs else {}
-                if self.client_cert is not None:
+                options: dict[str, str] = {}
+                if self.root_certs is not None:
+                    options["ca_certs"] = self.root_certs
+                if self.client_cert is not None and self.client_key is not None:
                     options.update(certfile=self.client_cert, keyfile=self.client_key)
-                tls = {"ssl": True, "ssl_options": options}
+                ssl_args = {"ssl": True, "ssl_options": options}
             client = httpclient.InferenceServerClient(
                 self.url,
                 concurrency=1,
                 connection_timeout=self.timeout,
                 network_timeout=self.timeout,
-                **tls,
+                **ssl_args,
             )
             self._local.client = client
             with self._lock:
