@@ -345,6 +345,7 @@ _BOILERPLATE = (
 _PYTHON_TRACE = re.compile(r"\n\s*At:\s*\n")
 
 
+_GRPC_HTTP_STATUS = re.compile(r"http2 header with status: (\d{3})")
 _DECODE_FAILURE = "an exception occurred in the client while decoding the response"
 _HTML_TITLE = re.compile(r"<title>(.*?)</title>|<h1>(.*?)</h1>", re.I | re.S)
 
@@ -694,7 +695,7 @@ class CrisisClient:
 
     def _classify_exception(self, exc: BaseException) -> tuple[str, str]:
         """-> (kind, detail). kind: 'connect' (retried until the deadline), 'overload' (retried
-        `retries` times), 'denied', 'tls', 'timeout', 'server' (not retried)."""
+        `retries` times), 'denied', 'tls', 'timeout', 'front-timeout', 'server' (not retried)."""
         from tritonclient.utils import InferenceServerException
 
         if isinstance(exc, InferenceServerException):
@@ -705,10 +706,14 @@ class CrisisClient:
                 return "denied", msg
             if status in DENIED_STATUSES:
                 return "denied", msg
-            if status == "502":  # a front (nginx) that cannot reach Triton: as a failed connection
+            # A front's HTTP status; over gRPC it arrives as UNAVAILABLE (gRPC's mapping of an
+            # intermediary's 429/502/503/504) with "Received http2 header with status: N".
+            front = _GRPC_HTTP_STATUS.search(msg) if self.protocol == "grpc" else None
+            http_status = front[1] if front else status
+            if http_status == "502":  # a front that cannot reach Triton: a failed connection
                 return "connect", msg
-            if status == "504":  # a front that gave up waiting for Triton
-                return "timeout", msg
+            if http_status == "504":  # a front that gave up waiting for Triton
+                return "front-timeout", msg
             if status == "StatusCode.UNAVAILABLE" and self.protocol == "grpc":
                 if any(w in low for w in ("ssl", "handshake", "certificate", "tls")):
                     return "tls", msg
@@ -784,7 +789,7 @@ class CrisisClient:
                 raise ServerUnreachableError(
                     f"TLS with {self._where()} failed: {detail} ({hint})"
                 ) from None
-            if kind == "timeout" and status == "504":
+            if kind == "front-timeout":
                 raise RequestTimeoutError(
                     f"the front at {self._where()} gave up waiting for Triton ({what}): {detail}"
                 ) from None

@@ -161,6 +161,45 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
     assert 1.55 <= min(total) and max(total) <= 3.1  # docs/client.md: the default's waits
 
 
+@pytest.mark.parametrize(
+    ("protocol", "status", "message", "kind"),
+    [
+        ("http", "503", "HTTP 503: Service Unavailable", "overload"),
+        ("http", "429", "HTTP 429: Too Many Requests", "overload"),
+        ("http", "502", "HTTP 502: Bad Gateway", "connect"),
+        ("http", "504", "HTTP 504: Gateway Time-out", "front-timeout"),
+        ("http", "400", "bad post", "server"),
+        ("http", "500", "oops", "server"),
+        ("http", "403", "This API is restricted, expecting header 'admin-key'", "denied"),
+        # gRPC: an intermediary's HTTP status arrives as UNAVAILABLE (gRPC's status mapping)
+        ("grpc", "StatusCode.UNAVAILABLE", "Received http2 header with status: 503", "overload"),
+        ("grpc", "StatusCode.UNAVAILABLE", "Received http2 header with status: 502", "connect"),
+        (
+            "grpc",
+            "StatusCode.UNAVAILABLE",
+            "Received http2 header with status: 504",
+            "front-timeout",
+        ),  # fmt: skip
+        ("grpc", "StatusCode.UNAVAILABLE", "failed to connect to all addresses", "connect"),
+        ("grpc", "StatusCode.RESOURCE_EXHAUSTED", "queue full", "overload"),
+        (
+            "grpc",
+            "StatusCode.UNAVAILABLE",
+            "This protocol is restricted, expecting header 'triton-grpc-protocol-admin-key'",
+            "denied",
+        ),  # fmt: skip
+        ("grpc", "StatusCode.INVALID_ARGUMENT", "bad post", "server"),
+    ],
+)
+def test_answers_are_classified(protocol: str, status: str, message: str, kind: str) -> None:
+    """What each answer leads to (retried or not): the exceptions tritonclient raises for them
+    (the real ones are met in the tests below, against fronts and tritonserver)."""
+    from tritonclient.utils import InferenceServerException
+
+    exc = InferenceServerException(msg=message, status=status)
+    assert CrisisClient(protocol=protocol)._classify_exception(exc)[0] == kind
+
+
 def test_plain_answer_of_a_front() -> None:
     decoding = (
         "an exception occurred in the client while decoding the response: Expecting value: "
