@@ -280,3 +280,36 @@ def test_ensemble_takes_image_as_optional(cma_repo: Path, tiny_repo: Path) -> No
         config = parse_pbtxt((repo / "crisis_classifier" / "config.pbtxt").read_text())
         inputs = {t.name: t.optional for t in config.input}
         assert inputs[IMAGE_INPUT] and not inputs[TEXT_INPUT]
+
+
+def test_preprocess_json_cannot_turn_text_only_on_for_a_head_that_cannot_mask(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    """A hand edit of preprocess.json (image_optional true beside the paper's head without modality
+    dropout) fails the model's load with the reason, instead of answering from zero pixels."""
+    import shutil
+
+    from deploy.server import ServerStartError
+
+    repo = Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
+    path = repo / "preprocess" / "1" / "preprocess.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "image_optional": True}))
+    with pytest.raises(ServerStartError) as caught:
+        serve(repo).start()
+    assert "takes no image_present" in str(caught.value.model_errors)
+
+
+def test_benchmark_measures_cma_clip_beside_the_papers_head(cma_repo: Path) -> None:
+    """benchmark.py --cma-clip: its own cached export (the paper's head's cache keys unchanged),
+    rows that stand apart, and a repository read back with its head."""
+    from benchmarks import report, repos
+
+    paper = repos.ModelChoice("tiny", TASKS)
+    cma = repos.ModelChoice("tiny", TASKS, head="cma_clip")
+    assert "--head" not in paper.export_args(Path("R"), repos.Deployment())
+    assert cma.export_args(Path("R"), repos.Deployment())[-2:] == ["--head", "cma_clip"]
+    assert paper.key == "tiny_seed0_task1-task2-task3" and cma.key == paper.key + "_cma_clip"
+    assert "cma_clip head's repository" in report.includes("triton-cma_clip")
+    assert report.includes("triton") == report.INCLUDES["triton"]
+    deployed = repos.read_deployment(cma_repo)
+    assert deployed.specs.head_type == "cma_clip" and deployed.specs.text_only

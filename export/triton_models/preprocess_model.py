@@ -44,6 +44,13 @@ class TritonPythonModel:
         outputs = [t["name"] for t in config["output"]]
         self.pixels_name, self.ids_name, self.used_name = outputs[:3]
         self.present_name = outputs[3] if len(outputs) > 3 else None
+        if self.spec.image_optional and self.present_name is None:
+            # zero pixels through a head that cannot mask them would answer from nothing
+            raise pb_utils.TritonModelException(
+                "preprocess.json says image_optional, but this repository's head takes no "
+                "image_present (it was not trained for posts without an image): set "
+                "image_optional back to false (docs/text-only.md)"
+            )
         # Every reason's series exists (at 0) from the start: rates and alerts see the first one.
         self.rejected_family = pb_utils.MetricFamily(
             name=REJECTED_POSTS_METRIC,
