@@ -249,3 +249,62 @@ def test_multiclass_task_from_plain_crisismmd_tsvs(
     out = folder / f"{head}.pt"
     test = train(folder / "cache", out, "task3", head)["crisis_head"]["metrics"]["test"]
     assert test["accuracy"] >= 0.7 and test["macro_f1"] >= 0.7  # chance: 1/3
+
+
+# ------------------------------------------------------------------------ export of a head file
+
+
+@pytest.fixture(scope="module")
+def hf_folder_cache(
+    task1: tuple[Dataset, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
+    """Encoders as a user has them (a local Hugging Face folder: --encoders hf:DIR, no random
+    weights flag), and task1's cache made with them."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from export.spec import load_encoder_config
+
+    folder = tmp_path_factory.mktemp("hf_encoders")
+    torch.manual_seed(4)
+    CLIPModel(CLIPConfig(**load_encoder_config("hf-clip-tiny").hf_config)).save_pretrained(
+        folder / "clip"
+    )
+    encoders = f"hf:{folder / 'clip'}"
+    data, _ = task1
+    argv = [*data.split_args(), "--image-root", str(data.image_root), "--encoders", encoders]
+    assert cache_main([*argv, "--out", str(folder / "cache")]) == 0
+    return encoders, folder / "cache"
+
+
+@pytest.mark.parametrize("head", ["guided_ca_diff", "cma_clip"])
+def test_exported_head_file_scores_as_trained(
+    head: str, hf_folder_cache: tuple[str, Path], tmp_path: Path
+) -> None:
+    """export.py --head-weights TASK=FILE.pt with the cache's encoder options: the exported head
+    graph gives the test accuracy the training reported, with and without images."""
+    import onnxruntime as ort
+
+    from export.export import main as export_main
+
+    encoders, cache = hf_folder_cache
+    saved = train(cache, tmp_path / "head.pt", "task1", head, "--modality-dropout", "0.3")
+    metrics = saved["crisis_head"]["metrics"]
+    repo = tmp_path / "repo"
+    assert export_main(["--encoders", encoders, "--head-weights", f"task1={tmp_path / 'head.pt'}",
+                        "--out", str(repo)]) == 0  # fmt: skip
+    session = ort.InferenceSession(
+        str(repo / "fusion_head" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    names = [i.name for i in session.get_inputs()]
+    x, y = _test_split(cache, head)
+    feed = {k: v.numpy() for k, v in x.items()}
+    if head == "cma_clip":  # the served text is 77 positions; the cached ones after L are masked
+        width = session.get_inputs()[names.index("text_tokens")].shape[1]
+        pad = width - feed["text_mask"].shape[1]
+        feed["text_tokens"] = np.pad(feed["text_tokens"], ((0, 0), (0, pad), (0, 0)))
+        feed["text_mask"] = np.pad(feed["text_mask"], ((0, 0), (0, pad)))
+    assert "image_present" in names  # trained with modality dropout: answers text-only posts
+    for with_image, key in ((1.0, "test"), (0.0, "test_text_only")):
+        inputs = {**feed, "image_present": np.full((len(y), 1), with_image, np.float32)}
+        probs = session.run(["probs_task1"], {n: inputs[n] for n in names})[0]
+        assert float((probs.argmax(1) == y).mean()) == pytest.approx(metrics[key]["accuracy"])
