@@ -420,6 +420,11 @@ def parse_url(url: str | None, protocol: str | None = None) -> Endpoint:
         raise ValueError(f"url {url!r} has no valid host[:port]")
     if chosen == "grpc" and "/" in address:
         raise ValueError(f"url {url!r}: a gRPC address has no path (host:port)")
+    if "@" in address.partition("/")[0]:
+        raise ValueError(
+            "credentials in the url are not supported (they would show in logs): send them in a "
+            "header, e.g. -H 'Authorization: Bearer ...'"
+        )
     return Endpoint(chosen, address, tls)
 
 

@@ -126,6 +126,7 @@ def test_url_forms(url: str | None, protocol: str | None, expected: Endpoint) ->
         ("grpcs://triton:8444", "http", "does not match protocol"),
         ("grpcs://triton:8444/path", None, "no path"),
         ("https://", None, "no valid host"),
+        ("https://user:pw@triton:8443", None, "credentials in the url"),
         ("triton:8000", "smtp", "protocol must be one of"),
     ],
 )
