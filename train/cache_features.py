@@ -69,7 +69,9 @@ RANDOM_CACHE_BANNER = (
     * 78
 )
 # export.py's options that choose the encoders.
-ENCODER_OPTIONS = ("encoders", "random_weights", "size", "seed", "checkpoint")
+# (Not --checkpoint: the export pairs head files with --encoders, never with checkpoints; the
+# research checkpoints' frozen encoders are the pretrained CLIP that --encoders names.)
+ENCODER_OPTIONS = ("encoders", "random_weights", "size", "seed")
 
 
 def add_encoder_options(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +85,7 @@ def add_encoder_options(parser: argparse.ArgumentParser) -> None:
         if action.dest in ENCODER_OPTIONS:
             group._add_action(action)
     # the rest of export.py's weights options, for WeightsSource.from_args
-    parser.set_defaults(head_weights=[], head=None, tasks="task1")
+    parser.set_defaults(checkpoint=[], head_weights=[], head=None, tasks="task1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +159,7 @@ def load_encoders(source: WeightsSource) -> Encoders:
     from export.encoders import EncoderLoadError, hf_encoders, openclip_encoders, parse_encoders
     from export.weights import UsageError, load_models
 
-    if source.random_weights or source.checkpoints:
+    if source.random_weights:
         return load_models(source)[0]
     # pretrained encoders: load_models loads them only together with --head-weights
     try:
@@ -176,9 +178,6 @@ def encoder_facts(enc: Encoders, source: WeightsSource, image_tokens: int | None
 
     if source.random_weights:
         ident = f"{source.encoders} RANDOM size={source.size or 'base'} seed={source.seed}"
-    elif source.checkpoints:
-        first = sorted(source.checkpoints.values())[0]
-        ident = f"{source.encoders} from research checkpoint {first}"
     else:
         ident = source.encoders
     return {
@@ -190,7 +189,6 @@ def encoder_facts(enc: Encoders, source: WeightsSource, image_tokens: int | None
             "random_weights": source.random_weights,
             "size": source.size,
             "seed": source.seed,
-            "checkpoint": {t: str(p) for t, p in source.checkpoints.items()},
         },
         "family": enc.config.family,
         "config": enc.config.name,
