@@ -308,3 +308,13 @@ def test_exported_head_file_scores_as_trained(
         inputs = {**feed, "image_present": np.full((len(y), 1), with_image, np.float32)}
         probs = session.run(["probs_task1"], {n: inputs[n] for n in names})[0]
         assert float((probs.argmax(1) == y).mean()) == pytest.approx(metrics[key]["accuracy"])
+
+
+def test_llava_text_is_appended_to_the_tweet(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "d", "task1", 15)
+    plain = FeatureCache.open(cache_dataset(data, tmp_path / "a", "--no-tokens"))
+    llava = FeatureCache.open(cache_dataset(data, tmp_path / "b", "--no-tokens", "--llava-text"))
+    assert plain.manifest["llava_text"] is False and llava.manifest["llava_text"] is True
+    a, b = (c.split("train", ("image_features", "text_features")).arrays for c in (plain, llava))
+    np.testing.assert_array_equal(a["image_features"], b["image_features"])
+    assert not np.array_equal(a["text_features"], b["text_features"])
