@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -159,13 +160,10 @@ def container_shm(needed: int) -> str:
 def parse_size(text: str) -> int:
     """'512m', '576Mi', '1g', '1Gi', '1024' (bytes) -> bytes, as docker/compose/Kubernetes write
     sizes of /dev/shm."""
-    units = {"": 1, "k": 1024, "ki": 1024, "m": MIB, "mi": MIB, "g": 1024 * MIB, "gi": 1024 * MIB}
-    value = text.strip().lower().removesuffix("b") if text.strip().lower() != "b" else "0"
-    digits = value.rstrip("kmgi")
-    unit = value[len(digits) :]
-    if not digits.isdigit() or unit not in units:
+    match = re.fullmatch(r"(\d+)\s*(?:([kmg])i?)?b?", text.strip().lower())
+    if match is None:
         raise ValueError(f"not a size: {text!r} (e.g. 512m, 576Mi, 1g)")
-    return int(digits) * units[unit]
+    return int(match[1]) * 1024 ** " kmg".index(match[2] or " ")
 
 
 def _tensor_bytes(tensors: Iterable[object]) -> tuple[int, bool]:

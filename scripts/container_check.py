@@ -16,6 +16,9 @@ embedded server outside it, stop it.
    photos just under the repository's max_image_bytes beside two small posts. No answer may be a
    500: each is 200, or a 503 from the front that the client retries to success; /dev/shm must
    not end full, and the server must still be ready. A body over the front's cap must get 413.
+   Then the same burst against a second container with a smaller /dev/shm (SMALL_SHM_SIZE):
+   serve.py must lower the front's limit (and say so), and the overload must come back as 503s
+   that the client retries, never a 500.
 6. Stops the container with SIGTERM: it must exit 0 well before the grace period ends.
 
 Prints one JSON report (build time, image size, the JSON answers, max abs diff, stop time).
@@ -67,6 +70,8 @@ STOP_GRACE = int(STOP_TIMEOUT) + 10  # the container runtime's SIGKILL deadline
 # The documented --shm-size (docs/deploy.md; compose shm_size, the Kubernetes emptyDir): what
 # deploy/sizing.py's rule gives a default export (tests/test_container_files.py checks both).
 SHM_SIZE = "576m"
+# A /dev/shm below what the front's default limit needs: serve.py lets fewer requests in.
+SMALL_SHM_SIZE = "256m"
 MONITORING_DIR = "/opt/crisis-triton/monitoring"
 IMAGE_FILE = ROOT / "examples" / "flooded_house.jpg"
 TEXT = "Flood waters rising in #Houston, families on rooftops https://t.co/x"
@@ -195,12 +200,14 @@ def wait_ready(runtime: Runtime, name: str, url: str, timeout: float = 300) -> f
     raise RuntimeError(f"container not ready within {timeout:.0f} s")
 
 
-def run_container(runtime: Runtime, repository: Path, name: str) -> dict[str, int]:
+def run_container(
+    runtime: Runtime, repository: Path, name: str, shm_size: str = SHM_SIZE
+) -> dict[str, int]:
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     args = ["run", "-d", "--name", name, *runtime.run_flags]
     args += ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL"]
     args += ["--security-opt", "no-new-privileges"]
-    args += ["--shm-size", SHM_SIZE]  # the python backend's pools (deploy/sizing.py)
+    args += ["--shm-size", shm_size]  # the python backend's pools (deploy/sizing.py)
     args += ["-p", f"127.0.0.1:{ports['http']}:{HTTP_PORT}"]
     args += ["-p", f"127.0.0.1:{ports['grpc']}:{GRPC_PORT}"]
     args += ["-p", f"127.0.0.1:{ports['metrics']}:{METRICS_PORT}"]
@@ -249,6 +256,35 @@ def burst_checks(runtime: Runtime, name: str, url: str, models: Path) -> dict[st
             runtime.call("exec", name, "ls", MONITORING_DIR, check=False).stdout.split()
         ),
     }
+
+
+def small_shm_burst(runtime: Runtime, models: Path, name: str) -> dict[str, Any]:
+    """The same burst against the image in a /dev/shm of SMALL_SHM_SIZE: serve.py lowers the
+    front's requests in flight (and says so), the rest get 503, which the client retries."""
+    from benchmarks.burst import run_burst
+    from deploy.sizing import read_sizing
+
+    sizing = read_sizing(models)
+    assert sizing.max_image_bytes is not None
+    try:
+        ports = run_container(runtime, models, name, SMALL_SHM_SIZE)
+        url = f"127.0.0.1:{ports['http']}"
+        wait_ready(runtime, name, f"http://{url}")
+        log(f"burst in a {SMALL_SHM_SIZE} /dev/shm")
+        result = run_burst(url, large_bytes=sizing.max_image_bytes - 1024)
+        ready = http_get(f"http://{url}{READY_PATH}")
+        logs = runtime.call("logs", name, check=False)
+        return {
+            "shm_size": SMALL_SHM_SIZE,
+            "burst": result.as_json(),
+            "shm_after_burst": shm_in(runtime, name),
+            "ready_after_burst": ready is not None and ready[0] == 200,
+            "serve_warnings": [
+                line for line in (logs.stdout + logs.stderr).splitlines() if "warning:" in line
+            ],
+        }
+    finally:
+        runtime.call("rm", "-f", name, check=False)
 
 
 def healthcheck(runtime: Runtime, name: str) -> str:
@@ -314,6 +350,7 @@ def check(runtime: Runtime, repository: Path | None, base: str) -> dict[str, Any
             report["container_log"] = (logs.stdout + logs.stderr).strip().splitlines()[-5:]
         finally:
             runtime.call("rm", "-f", name, check=False)
+        report["small_shm"] = small_shm_burst(runtime, models, f"{name}-small-shm")
     report["max_abs_diff_http"] = max_abs_diff(report["embedded"], report["container_http"])
     report["max_abs_diff_grpc"] = max_abs_diff(report["embedded"], report["container_grpc"])
     report["max_abs_diff_fp32"] = max_abs_diff_raw(raw_embedded, raw_container)
@@ -348,6 +385,19 @@ def failures(report: Mapping[str, Any]) -> list[str]:
         problems.append("not ready after the burst")
     if report["over_cap_status"] != 413:
         problems.append(f"a body over the front's cap got {report['over_cap_status']}, not 413")
+    small = report["small_shm"]
+    where, burst = f"in a {small['shm_size']} /dev/shm", small["burst"]
+    if not burst["passed"] or not burst["retried"]:
+        problems.append(
+            f"burst {where}: {burst['answers']}, errors {burst['errors'][:3]} "
+            "(expected 200s and retried 503s only)"
+        )
+    if small["shm_after_burst"]["free"] < 1024 * 1024 or not small["ready_after_burst"]:
+        problems.append(
+            f"{where}: /dev/shm {small['shm_after_burst']}, ready: {small['ready_after_burst']}"
+        )
+    if not any("requests in flight, not" in w for w in small["serve_warnings"]):
+        problems.append(f"{where}: serve.py did not say it lowered the front's limit")
     if "crisis.rules.yml" not in report["monitoring_files"]:
         problems.append(f"{MONITORING_DIR} lacks the alert rules: {report['monitoring_files']}")
     return problems
