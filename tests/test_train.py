@@ -226,6 +226,11 @@ def test_same_seed_same_head_file_other_seed_not(task1: tuple[Dataset, Path], tm
     # modality dropout: the head was also scored on posts without their image
     assert c["crisis_head"]["metrics"]["test_text_only"]["accuracy"] > 0.6
     assert c["crisis_head"]["modality_dropout"] == 0.3
+    # cma_clip (dropout layers, modality dropout) too
+    args = ("--modality-dropout", "0.3", "--epochs", "1")
+    a = train(cache, tmp_path / "d.pt", "task1", "cma_clip", *args)["state_dict"]
+    b = train(cache, tmp_path / "e.pt", "task1", "cma_clip", *args)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_plain_state_dict_is_a_research_head(task1: tuple[Dataset, Path], tmp_path) -> None:
