@@ -176,6 +176,7 @@ def weights_sha256(*modules: nn.Module) -> str:
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
+
 def parse_encoders(arg: str) -> tuple[str, str, str | None]:
     """'hf:NAME_OR_DIR' | 'openclip:MODEL:TAG_OR_FILE' -> (family, ref, tag)."""
     family, _, rest = arg.partition(":")
