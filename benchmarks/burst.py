@@ -3,7 +3,8 @@
     python benchmarks/burst.py --url 127.0.0.1:8000 [--clients 32] [--large-bytes N]
     python benchmarks/burst.py --serve REPO [-- SERVE_FLAGS]  # serve.py --front on REPO first
 
-`--clients` threads, each with its own connection (the project's client, `CrisisClient`, HTTP),
+`--clients` threads, each with its own connection (the project's client, `CrisisClient`; HTTP,
+or gRPC with `--protocol grpc`: one channel, a stream per request),
 each sending `--large-each` valid photos of just under `--large-bytes` (default: the served
 repository's max_image_bytes, read with `--preprocess-json`, else 5 MiB) and `--small-each`
 small posts between them. Every answer is counted as it comes: 200, an overload answer the
@@ -125,8 +126,10 @@ def run_burst(
     large_bytes: int = DEFAULT_LARGE_BYTES,
     timeout: float = 300.0,
     retries: int = 60,
+    protocol: str = "http",
 ) -> BurstResult:
-    """Send the burst to ``url`` (HTTP, host:port) and count what came back."""
+    """Send the burst to ``url`` (host:port of ``protocol``, http or grpc) and count what came
+    back."""
     from client.triton_client import ClientError
 
     result = BurstResult(large_bytes=large_bytes, posts=clients * (large_each + small_each))
@@ -134,7 +137,7 @@ def run_burst(
     small = photo(SMALL_BYTES, 99)
     lock = threading.Lock()
     client = _counting_client(
-        result, lock, url=url, protocol="http", timeout=timeout, retries=retries
+        result, lock, url=url, protocol=protocol, timeout=timeout, retries=retries
     )
 
     def one(kind: str, image: bytes) -> None:
@@ -196,7 +199,8 @@ def serve_and_burst(repo: Path, serve_flags: Sequence[str], **burst: Any) -> Bur
                     log.seek(0)
                     raise RuntimeError(f"serve.py did not get ready:\n{log.read()[-3000:]!r}")
                 time.sleep(0.5)
-            result = run_burst(f"127.0.0.1:{http}", **burst)
+            port = grpc if burst.get("protocol") == "grpc" else http
+            result = run_burst(f"127.0.0.1:{port}", **burst)
             result.server = shm_state()
             answer = http_request("GET", ready_url)
             result.server["ready_after"] = answer is not None and answer[0] == 200
@@ -218,8 +222,9 @@ def serve_and_burst(repo: Path, serve_flags: Sequence[str], **burst: Any) -> Bur
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--url", help="host:port of the HTTP endpoint")
+    where.add_argument("--url", help="host:port of the HTTP (or --protocol grpc: gRPC) endpoint")
     where.add_argument("--serve", type=Path, metavar="REPO", help="serve.py --front on REPO")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--large-each", type=int, default=2)
     parser.add_argument("--small-each", type=int, default=2)
@@ -242,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "large_each": args.large_each,
         "small_each": args.small_each,
         "large_bytes": args.large_bytes or limit - 1024,
+        "protocol": args.protocol,
     }
     if args.serve:
         result = serve_and_burst(args.serve, serve_flags, **burst)

@@ -194,22 +194,25 @@ def test_serve_refuses_a_shm_too_small_for_one_request(tiny_repo: Path) -> None:
 
 @needs_mount
 @needs_nginx
+@pytest.mark.parametrize(
+    "protocol, overload", [("http", "overload 503"), ("grpc", "overload StatusCode.UNAVAILABLE")]
+)
 def test_burst_of_large_posts_through_the_front_in_a_small_shm(
-    tiny_repo: Path, tmp_path: Path
+    tiny_repo: Path, tmp_path: Path, protocol: str, overload: str
 ) -> None:
     """32 clients, each two photos just under the limit beside two small posts, against
     serve.py --front in a 128 MiB /dev/shm (the full configuration needs ~280 MiB): the front
-    lets in what fits, the rest get 503 that the client retries; no 500, every post answered,
-    /dev/shm not full, the server ready afterwards."""
+    lets in what fits, the rest get 503 (gRPC: UNAVAILABLE) that the client retries; no 500 (gRPC
+    INTERNAL), every post answered, /dev/shm not full, the server ready afterwards."""
     out = tmp_path / "burst.json"
     done = _in_small_shm(
         "128m", sys.executable, "benchmarks/burst.py", "--serve", str(tiny_repo),
-        "--json", str(out),
+        "--protocol", protocol, "--json", str(out),
     )  # fmt: skip
     assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["errors"] == []
-    assert set(result["answers"]) <= {"200", "overload 503"}, result["answers"]
+    assert set(result["answers"]) <= {"200", overload}, result["answers"]
     assert result["answers"]["200"] == result["posts"] == 32 * 4
     assert result["retried"] > 0  # the front did refuse some: the path under test ran
     assert result["server"]["ready_after"] and not result["server"]["shm_full"]
