@@ -13,8 +13,8 @@ What it models, measured on the tritonserver 2.51 of nvidia-pytriton (docs/relia
   "Failed to increase the shared memory pool size", an INTERNAL error, HTTP 500). It never shrinks:
   its size is the largest batch it ever held.
 - A batch holds its inputs and its outputs at once: a full batch of 32 posts of 19,295,411 bytes in
-  the preprocess model grew its pool to 637,534,208 bytes = 1 MiB + 32 x (the image + its
-  602,112 bytes of pixels + 616 of token ids), to 0.05%.
+  the preprocess model grew its pool to 637,534,208 bytes: 32 x (the image + its 602,112 bytes of
+  pixels + 616 of token ids) and less than 1 MiB more (tests/test_sizing.py checks a batch of 8).
 - Requests waiting in Triton's queues are in process memory, not in the pools: only batches being
   executed are. So a pool holds at most ``max_batch_size`` posts, and never more requests than are
   in flight.
@@ -50,7 +50,7 @@ MIB = 1024 * 1024
 # least 1 MiB (Triton 2.51's defaults; older python backends started at 64 MiB).
 SHM_DEFAULT_BYTES = 1 * MIB
 SHM_GROWTH_BYTES = 1 * MIB
-# Allocator headers, growth rounding: the measured pools were within 0.05% of the rule.
+# Allocator headers and growth rounding: the measured pools were within the rule's first MiB.
 SHM_MARGIN = 1.05
 # Container sizes are written in whole steps of this (512m, 576m, ...).
 SHM_STEP = 64 * MIB
