@@ -25,6 +25,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -458,6 +459,20 @@ def inference_counts(server: EmbeddedServer) -> dict[str, int]:
     return {s["version"]: int(s["inference_count"]) for s in stats}
 
 
+def settled_counts(server: EmbeddedServer, total: int | None = None) -> dict[str, int]:
+    """inference_counts once they stop moving (Triton counts an ensemble request as it finishes,
+    which can be just after the client has its answer) and, with `total`, reach that sum."""
+    deadline = time.monotonic() + 10
+    last = inference_counts(server)
+    while True:
+        time.sleep(0.2)
+        now = inference_counts(server)
+        settled = now == last and (total is None or sum(now.values()) >= total)
+        if settled or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 # ------------------------------------------------------------------ headers, model version
 
 
@@ -503,10 +518,10 @@ def test_every_request_carries_the_headers(server: EmbeddedServer) -> None:
 
 def test_model_version_reaches_that_version(server: EmbeddedServer) -> None:
     url = f"http://{server.url_http}"
-    before = inference_counts(server)
+    before = settled_counts(server)
     assert set(before) == {"1", "2"}
     assert_answer(*run_cli("--url", url, "--model-version", "1"))
-    after_1 = inference_counts(server)
+    after_1 = settled_counts(server, sum(before.values()) + 1)
     assert (after_1["1"] - before["1"], after_1["2"] - before["2"]) == (1, 0)
     assert_answer(
         *run_cli(
@@ -516,7 +531,7 @@ def test_model_version_reaches_that_version(server: EmbeddedServer) -> None:
             "2",
         )
     )
-    after_2 = inference_counts(server)
+    after_2 = settled_counts(server, sum(after_1.values()) + 1)
     assert (after_2["1"] - after_1["1"], after_2["2"] - after_1["2"]) == (0, 1)
     code, out, err = run_cli("--url", url, "--model-version", "3")
     line = one_error_line(code, cli.ExitCode.NOT_READY, out, err)
