@@ -22,7 +22,6 @@ temporary prefix (pid, logs, body buffers) and stops it gracefully.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import pwd
 import shutil
@@ -90,11 +89,12 @@ class FrontError(RuntimeError):
 
 
 def post_bytes(max_image_bytes: int, max_text_chars: int) -> int:
-    """The most bytes one post can take in a request body: the image (binary with its length
-    prefix, or base64 in JSON, whichever is larger) and TEXT_INPUTS texts in their worst JSON
-    escaping. Texts longer than max_text_chars are cut by the server, never refused; the front
-    refuses a body with more than this much text."""
-    image = max(max_image_bytes + BYTES_LENGTH_PREFIX, 4 * math.ceil(max_image_bytes / 3))
+    """The most bytes one post can take in a request body: the image (binary, with its 4-byte
+    length prefix: Triton's JSON has no base64 for BYTES, so an image can only travel in binary
+    form, server/src/http_server.cc) and TEXT_INPUTS texts in their worst JSON escaping. Texts
+    longer than max_text_chars are cut by the server, never refused; the front refuses a body
+    with more than this much text."""
+    image = max_image_bytes + BYTES_LENGTH_PREFIX
     return image + TEXT_INPUTS * JSON_BYTES_PER_CHAR * max_text_chars
 
 
@@ -142,21 +142,15 @@ def front_limits(
 
     Raises:
         FileNotFoundError: no preprocess.json (not a crisis-triton export: give max_body_bytes).
-        ValueError: a preprocess.json that does not read as a PreprocessSpec.
+        deploy.sizing.SizingError: a config or preprocess.json that does not read.
     """
     if max_body_bytes is None:
-        from export.names import PREPROCESS
-        from export.preprocess import PreprocessSpec
-        from export.repository import PREPROCESS_JSON
+        from deploy.sizing import read_sizing  # sizing imports this module: import here
 
-        files = sorted(Path(repo).glob(f"{PREPROCESS}/[0-9]*/{PREPROCESS_JSON}"))
-        if not files:
-            raise FileNotFoundError(f"no {PREPROCESS}/<version>/{PREPROCESS_JSON} in {repo}")
-        caps = []
-        for path in files:
-            spec = PreprocessSpec.from_json(path.read_text())
-            caps.append(body_cap(spec.max_image_bytes, spec.max_text_chars, posts_per_request))
-        max_body_bytes = max(caps)
+        sizing = read_sizing(repo)  # json and the configs only: deploy never imports export
+        if sizing.max_image_bytes is None or sizing.max_text_chars is None:
+            raise FileNotFoundError(f"no preprocess/<version>/preprocess.json in {repo}")
+        max_body_bytes = body_cap(sizing.max_image_bytes, sizing.max_text_chars, posts_per_request)
     return FrontLimits(max_body_bytes=max_body_bytes, max_connections=max_connections)
 
 

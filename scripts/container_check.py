@@ -69,7 +69,7 @@ CONTAINER_UID = "1000"
 STOP_GRACE = int(STOP_TIMEOUT) + 10  # the container runtime's SIGKILL deadline
 # The documented --shm-size (docs/deploy.md; compose shm_size, the Kubernetes emptyDir): what
 # deploy/sizing.py's rule gives a default export (tests/test_container_files.py checks both).
-SHM_SIZE = "576m"
+SHM_SIZE = "448m"
 # A /dev/shm below what the front's default limit needs: serve.py lets fewer requests in.
 SMALL_SHM_SIZE = "256m"
 MONITORING_DIR = "/opt/crisis-triton/monitoring"

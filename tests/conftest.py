@@ -17,7 +17,7 @@ def run_export(*args: str) -> int:
     return main(list(args))
 
 
-# A 2 MiB request limit (the default is 20 MiB): the over-limit requests of the reliability tests
+# A 2 MiB request limit (the default is 5 MiB): the over-limit requests of the reliability tests
 # then fit the 64 MiB /dev/shm of a default container, where the python backend's shared-memory
 # pools live (docs/reliability.md: sizing /dev/shm).
 TINY_EXPORT_ARGS = (

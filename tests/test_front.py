@@ -65,12 +65,12 @@ needs_front = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_re
 
 
 def test_body_cap_formula() -> None:
-    """Header allowance + per post: the image as base64 (larger than binary + its 4-byte length)
-    and two texts at 12 bytes a character (JSON escapes of characters outside the BMP)."""
-    image, chars = 20 * 1024 * 1024, 20_000
-    base64 = 4 * -(-image // 3)
-    assert post_bytes(image, chars) == base64 + 2 * 12 * chars
-    assert body_cap(image, chars) == REQUEST_HEADER_BYTES + base64 + 2 * 12 * chars
+    """Header allowance + per post: the image in binary with its 4-byte length (the only form
+    Triton takes an image in: no base64 in its JSON) and two texts at 12 bytes a character (JSON
+    escapes of characters outside the BMP)."""
+    image, chars = 5 * 1024 * 1024, 20_000
+    assert post_bytes(image, chars) == image + 4 + 2 * 12 * chars
+    assert body_cap(image, chars) == REQUEST_HEADER_BYTES + image + 4 + 2 * 12 * chars
     assert body_cap(image, chars, posts_per_request=4) == REQUEST_HEADER_BYTES + 4 * post_bytes(
         image, chars
     )
