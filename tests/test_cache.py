@@ -75,6 +75,15 @@ def test_deployment_json_carries_the_setting(tmp_path: Path) -> None:
     assert Deployment.from_json(json.dumps(old)).response_cache is False
 
 
+def test_export_flag_is_off_by_default_and_can_be_negated() -> None:
+    from export.export import build_parser
+
+    base = ["--random-weights", "--out", "unused"]
+    assert build_parser().parse_args(base).response_cache is False
+    assert build_parser().parse_args([*base, "--response-cache"]).response_cache is True
+    assert build_parser().parse_args([*base, "--no-response-cache"]).response_cache is False
+
+
 # ----------------------------------------------------------------------------------- launcher
 
 
