@@ -313,3 +313,26 @@ def test_benchmark_measures_cma_clip_beside_the_papers_head(cma_repo: Path) -> N
     assert report.includes("triton") == report.INCLUDES["triton"]
     deployed = repos.read_deployment(cma_repo)
     assert deployed.specs.head_type == "cma_clip" and deployed.specs.text_only
+
+
+@pytest.mark.parametrize("head", ["guided_ca_diff", "cma_clip"])
+@pytest.mark.parametrize("text_only", [False, True])
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_configs_of_every_head_wire_up(head: str, text_only: bool, backend: str) -> None:
+    """Every head's configs, in the python flavour and the stock onnxruntime one: the ensemble's
+    wiring has no problem, image_present goes to the head exactly when it masks the image."""
+    from export.spec import build_specs, load_encoder_config
+    from export.triton_config import Deployment, all_configs, check_ensemble_wiring
+
+    specs = build_specs(load_encoder_config("hf-clip-vit-base-patch32"), TASKS, head, text_only)
+    configs = all_configs(specs, Deployment(backend=backend))
+    assert check_ensemble_wiring(configs) == []
+    head_inputs = [t.name for t in configs["fusion_head"].input]
+    assert ("image_present" in head_inputs) == specs.text_only == (head == "cma_clip" or text_only)
+    outputs = [t.name for t in configs["crisis_classifier"].output]
+    assert outputs[-1] == MODALITIES_USED
+    assert (modality_weights_name("task1") in outputs) == (head == "cma_clip")
+    if head == "cma_clip":
+        assert [t.name for t in configs["image_encoder"].output] == ["image_tokens"]
+        assert list(configs["image_encoder"].output[0].dims) == [50, 768]
+        assert [t.name for t in configs["text_encoder"].output] == ["text_tokens", "text_mask"]
