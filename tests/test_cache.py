@@ -26,7 +26,7 @@ from deploy.server import (
     free_port,
     response_cache_models,
 )
-from deploy.tritonserver_install import find_cache_dir
+from deploy.tritonserver_install import TritonNotFoundError, find_cache_dir
 from export.repository import DEPLOYMENT_JSON, read_deployment_json, write_configs
 from export.spec import (
     ENSEMBLE,
@@ -125,6 +125,23 @@ def test_cache_for_a_repository_without_one(tmp_path: Path) -> None:
     empty = EmbeddedServer(repo, cache_mb=8)
     assert _size_arg(empty.cache_args()) == f"local,size={8 * 2**20}"
     assert empty.cache_warning is not None and "stays empty" in empty.cache_warning
+
+
+def test_a_wheel_without_the_cache_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repository asked for the cache: a warning and no cache flags; --cache-mb asked for
+    it: the error, naming the missing library."""
+    import deploy.server
+
+    def missing(cache: str = "local") -> Path:
+        raise TritonNotFoundError(f"libtritoncache_{cache}.so is missing")
+
+    monkeypatch.setattr(deploy.server, "find_cache_dir", missing)
+    repo = _configs_repo(tmp_path, cache=True)
+    server = EmbeddedServer(repo)
+    assert server.cache_args() == []
+    assert "without a response cache" in (server.cache_warning or "")
+    with pytest.raises(TritonNotFoundError, match="libtritoncache_local.so"):
+        EmbeddedServer(repo, cache_mb=8).cache_args()
 
 
 def test_callers_cache_flags_win(tmp_path: Path) -> None:
