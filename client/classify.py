@@ -165,8 +165,10 @@ class BatchRow:
     problem: str | None = None  # malformed row: recorded as this row's error
 
 
-def read_batch_file(path: Path) -> list[BatchRow]:
-    """Rows of a CSV (',') or TSV (.tsv: tabs, no quoting) file with header image,text[,caption]."""
+def read_batch_file(path: Path, allow_no_image: bool = False) -> list[BatchRow]:
+    """Rows of a CSV (',') or TSV (.tsv: tabs, no quoting) file with header image,text[,caption].
+    An empty image cell is a malformed row, or with `allow_no_image` (--no-image) a text-only
+    post."""
     if not path.is_file():
         raise InputError(f"batch file not found: {path}")
     tsv = path.suffix.lower() in (".tsv", ".tab")
@@ -197,7 +199,7 @@ def read_batch_file(path: Path) -> list[BatchRow]:
         problem = None
         if len(record) <= max(col_image, col_text):
             problem = f"row has {len(record)} field(s); expected columns {expected}"
-        elif not image:
+        elif not image and not allow_no_image:
             problem = "empty image path"
         rows.append(
             BatchRow(
@@ -319,7 +321,7 @@ class Progress:
         self.stream.flush()
 
 
-ClassifyFn = Callable[[bytes, str, str | None], Mapping[str, Prediction]]
+ClassifyFn = Callable[[bytes | None, str, str | None], Mapping[str, Prediction]]
 FATAL_ERRORS: tuple[type[BaseException], ...] = (
     ServerUnreachableError,  # also ServerOverloadedError: overloaded through every retry
     ModelNotReadyError,
@@ -334,7 +336,8 @@ def process_row(row: BatchRow, classify: ClassifyFn, top_only: bool = False) -> 
     if row.problem:
         return {**base, "ok": False, "error_type": "input", "error": row.problem}
     try:
-        predictions = classify(read_image(row.path), row.text, row.caption)
+        image = read_image(row.path) if row.image else None  # empty: --no-image allowed it
+        predictions = classify(image, row.text, row.caption)
     except FATAL_ERRORS:
         raise
     except InputError as exc:
@@ -622,9 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--no-image",
         action="store_true",
-        help="a text-only post: give TEXT alone. Answered only by a served head that can "
-        "(cma_clip, or the paper's head trained with --modality-dropout); others refuse it "
-        'saying why (exit 6), e.g. --no-image "Roads flooded #harvey"',
+        help="a text-only post: give TEXT alone (with --batch: rows with an empty image cell "
+        "are text-only posts). Answered only by a served head that can (cma_clip, or the "
+        "paper's head trained with --modality-dropout); others refuse it saying why (exit 6; "
+        'in batch mode the row\'s error), e.g. --no-image "Roads flooded #harvey"',
     )
     what.add_argument(
         "--caption",
@@ -688,8 +692,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--caption is for one post; in batch mode use a caption column")
         if args.json:
             parser.error("--json is for one post; batch results are written to --results")
-        if args.no_image:
-            parser.error("--no-image is for one post (batch rows each name their image)")
     elif args.no_image:
         if args.text is not None:
             parser.error("--no-image takes TEXT alone, not an IMAGE")
@@ -775,7 +777,7 @@ def run_single(args: argparse.Namespace, stdout: TextIO) -> int:
 
 
 def run_batch_mode(args: argparse.Namespace) -> int:
-    rows = read_batch_file(args.batch)
+    rows = read_batch_file(args.batch, allow_no_image=args.no_image)
     records = load_results(args.results)
     check_results_match(rows, records, args.results, args.batch)
     with _make_client(args) as client:
@@ -785,7 +787,9 @@ def run_batch_mode(args: argparse.Namespace) -> int:
             warn_if_random(client)
             selected = client.select_tasks(args.tasks)
 
-        def classify(image: bytes, text: str, caption: str | None) -> Mapping[str, Prediction]:
+        def classify(
+            image: bytes | None, text: str, caption: str | None
+        ) -> Mapping[str, Prediction]:
             return client.classify(image, text, caption, selected, args.top_k)
 
         summary = run_batch(

@@ -336,3 +336,27 @@ def test_configs_of_every_head_wire_up(head: str, text_only: bool, backend: str)
         assert [t.name for t in configs["image_encoder"].output] == ["image_tokens"]
         assert list(configs["image_encoder"].output[0].dims) == [50, 768]
         assert [t.name for t in configs["text_encoder"].output] == ["text_tokens", "text_mask"]
+
+
+def test_cli_batch_no_image_sends_rows_without_an_image_as_text_only(
+    cma_server, tmp_path: Path
+) -> None:
+    (tmp_path / "post.png").write_bytes(make_image(41))
+    batch = tmp_path / "posts.csv"
+    batch.write_text("image,text\npost.png,bridge collapsed\n,roads flooded\n")
+    results = tmp_path / "results.jsonl"
+    common = ("--batch", str(batch), "--url", cma_server.url_http, "--no-progress")
+    done = run_cli(*common, "--results", str(results), "--no-image")
+    assert done.returncode == 0, done.stderr
+    with_image, text_only = (json.loads(line) for line in results.read_text().splitlines())
+    assert with_image["ok"] and with_image["predictions"]["task1"]["modalities_used"] == [
+        "image",
+        "text",
+    ]
+    assert text_only["ok"] and text_only["predictions"]["task1"]["modalities_used"] == ["text"]
+    assert text_only["predictions"]["task1"]["modality_weights"]["image"] == 0.0
+    # without --no-image an empty image cell stays a malformed row (exit 8, its error recorded)
+    done = run_cli(*common, "--results", str(tmp_path / "strict.jsonl"))
+    assert done.returncode == 8
+    rows = [json.loads(line) for line in (tmp_path / "strict.jsonl").read_text().splitlines()]
+    assert rows[0]["ok"] and "empty image path" in rows[1]["error"]
