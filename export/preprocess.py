@@ -60,6 +60,7 @@ class RejectReason(str, enum.Enum):
     BATCH_MISMATCH = "batch_mismatch"  # inputs of one request with different batch sizes
     INTERNAL = "internal"  # an unforeseen error while preprocessing (a bug: see the log)
     NO_IMAGE = "no_image"  # a text-only post to a head that cannot answer it (docs/text-only.md)
+    NO_TEXT = "no_text"  # a request without its text input (an image-only post sends "")
 
 
 class PreprocessError(ValueError):

@@ -299,7 +299,10 @@ def build_specs(
     probs = tuple(TensorSpec(probs_name(t), "float32", (len(LABELS[t]),), labels=t) for t in tasks)
     raw = (
         TensorSpec(IMAGE_INPUT, "bytes", (1,), optional=True),
-        TensorSpec(TEXT_INPUT, "bytes", (1,)),
+        # Optional for Triton only: with an optional input in the ensemble, Triton no longer
+        # refuses a request without a required one (the ensemble would stall: "unexpected
+        # deadlock"); the preprocess model refuses a post without text, saying so.
+        TensorSpec(TEXT_INPUT, "bytes", (1,), optional=True),
         TensorSpec(CAPTION_INPUT, "bytes", (1,), optional=True),
     )
     fp16 = encoder.atol_fp16

@@ -79,7 +79,14 @@ class TritonPythonModel:
     def _rows(self, request):
         """(pixels [n, 3, S, S], texts [n], image_present [n, 1]) of one request, or
         PreprocessError."""
-        texts = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
+        text_tensor = pb_utils.get_input_tensor_by_name(request, self.text_name)
+        if text_tensor is None:
+            raise PreprocessError(
+                f"the post has no '{self.text_name}' input: send the tweet text (an empty text "
+                "for a photo posted without one)",
+                reason=RejectReason.NO_TEXT,
+            )
+        texts = text_tensor.as_numpy()
         image_tensor = pb_utils.get_input_tensor_by_name(request, self.image_name)
         images = image_tensor.as_numpy() if image_tensor is not None else [None] * len(texts)
         caption_tensor = pb_utils.get_input_tensor_by_name(request, self.caption_name)

@@ -21,6 +21,7 @@ instead of clipped, and decoding is bounded by byte and pixel limits.
 from __future__ import annotations
 
 import codecs
+import enum
 import gzip
 import io
 import json
@@ -40,8 +41,42 @@ CLIP_SPLIT_PATTERN = (
 )
 
 
+# The counter the preprocess model (inside Triton) adds every refused post to, by `reason`.
+REJECTED_POSTS_METRIC = "crisis_rejected_posts_total"
+
+
+class RejectReason(str, enum.Enum):
+    """Why a post was refused: the stable values of the `reason` label of REJECTED_POSTS_METRIC,
+    declared once. Alert rules and dashboards (deploy/monitoring/) use them: add, never rename."""
+
+    EMPTY = "empty"  # 0 bytes of image
+    TOO_LARGE = "too_large"  # over max_image_bytes
+    TOO_MANY_PIXELS = "too_many_pixels"  # over max_image_pixels
+    DECOMPRESSION_BOMB = "decompression_bomb"  # over Pillow's own decompression-bomb limit
+    NOT_AN_IMAGE = "not_an_image"  # text, SVG, PDF, unknown bytes, a format no decoder allowed
+    FORMAT_NOT_ACCEPTED = "format_not_accepted"  # a known image format left out of image_formats
+    CORRUPT = "corrupt"  # an image header, then unreadable or truncated data
+    INVALID_UTF8 = "invalid_utf8"  # text or caption
+    BATCH_MISMATCH = "batch_mismatch"  # inputs of one request with different batch sizes
+    INTERNAL = "internal"  # an unforeseen error while preprocessing (a bug: see the log)
+    NO_IMAGE = "no_image"  # a text-only post to a head that cannot answer it (docs/text-only.md)
+    NO_TEXT = "no_text"  # a request without its text input (an image-only post sends "")
+
+
 class PreprocessError(ValueError):
-    """A request's input cannot be preprocessed; the message names the problem."""
+    """A request's input cannot be preprocessed; the message names the problem, `reason` says
+    which kind of problem (the label the server counts it under)."""
+
+    def __init__(self, message: str, *, reason: RejectReason) -> None:
+        super().__init__(message)
+        self.reason = RejectReason(reason)
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickling (process pools) keeps the reason
+        return (_preprocess_error, (str(self), self.reason.value))
+
+
+def _preprocess_error(message: str, reason: str) -> PreprocessError:
+    return PreprocessError(message, reason=RejectReason(reason))
 
 
 @dataclass(frozen=True)
@@ -67,13 +102,18 @@ class PreprocessSpec:
     caption_separator: str = ""
     apply_exif_orientation: bool = True
     # Limits of one request (the server refuses the request, naming the limit; text is cut).
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = 5 * 1024 * 1024  # a tweet photo is at most 5 MB (deploy/sizing.py)
     max_image_pixels: int = 40_000_000
     max_text_chars: int = 20_000
     # Pillow decoders allowed to open request bytes. Others (EPS, which runs Ghostscript; PSD,
     # ICO, ...) are never tried: a request cannot reach a decoder that reads files or runs tools.
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
     extra: dict[str, str] = field(default_factory=dict)
+    # Posts without an image (docs/text-only.md): answered with zero pixels and image_present 0
+    # when the served head can answer them (cma_clip; the paper's head trained with modality
+    # dropout), else refused with `no_image_reason`.
+    image_optional: bool = False
+    no_image_reason: str = "the served head was not trained for posts without an image"
 
     def __post_init__(self) -> None:
         """Checked when made, so a hand-edited preprocess.json stops the model from loading with
@@ -223,7 +263,9 @@ def decode_utf8(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PreprocessError(f"{what} is not valid UTF-8 (byte {exc.start})") from None
+        raise PreprocessError(
+            f"{what} is not valid UTF-8 (byte {exc.start})", reason=RejectReason.INVALID_UTF8
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- image
@@ -264,14 +306,20 @@ def _printable(data: bytes) -> bool:
     return all(c.isprintable() or c in "\t\r\n" for c in sample)
 
 
-def _not_an_image(data: bytes, spec: PreprocessSpec) -> str:
+def _not_an_image(data: bytes, spec: PreprocessSpec) -> PreprocessError:
     """Why `data` was refused as an image, naming what it looks like instead."""
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
     for fmt, magic in _MAGIC:
         if data.startswith(magic) and (fmt != "WEBP" or data[8:12] == b"WEBP"):
             if fmt in spec.image_formats:
-                return f"image data is corrupt or truncated (a {fmt} header, then unreadable data)"
-            return f"image format {fmt} is not accepted (accepted: {', '.join(spec.image_formats)})"
+                return PreprocessError(
+                    f"image data is corrupt or truncated (a {fmt} header, then unreadable data)",
+                    reason=RejectReason.CORRUPT,
+                )
+            return PreprocessError(
+                f"image format {fmt} is not accepted (accepted: {', '.join(spec.image_formats)})",
+                reason=RejectReason.FORMAT_NOT_ACCEPTED,
+            )
     if head.startswith(b"%PDF"):
         what = "a PDF document"
     elif head.startswith(b"%!PS") or head.startswith(b"\xc5\xd0\xd3\xc6"):
@@ -285,17 +333,21 @@ def _not_an_image(data: bytes, spec: PreprocessSpec) -> str:
     else:
         what = "text"
     accepted = ", ".join(spec.image_formats)
-    return f"image bytes are {what}, not an image (accepted formats: {accepted})"
+    return PreprocessError(
+        f"image bytes are {what}, not an image (accepted formats: {accepted})",
+        reason=RejectReason.NOT_AN_IMAGE,
+    )
 
 
 def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
     """Encoded bytes -> RGB PIL image, bounded by the spec's byte and pixel limits and opened only
     by the decoders of `spec.image_formats`."""
     if len(data) == 0:
-        raise PreprocessError("image is empty (0 bytes)")
+        raise PreprocessError("image is empty (0 bytes)", reason=RejectReason.EMPTY)
     if len(data) > spec.max_image_bytes:
         raise PreprocessError(
-            f"image is {len(data)} bytes, over the limit of {spec.max_image_bytes} bytes"
+            f"image is {len(data)} bytes, over the limit of {spec.max_image_bytes} bytes",
+            reason=RejectReason.TOO_LARGE,
         )
     try:
         with warnings.catch_warnings():
@@ -305,7 +357,8 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
             if width * height > spec.max_image_pixels:
                 raise PreprocessError(
                     f"image is {width}x{height} pixels, over the limit of "
-                    f"{spec.max_image_pixels} pixels"
+                    f"{spec.max_image_pixels} pixels",
+                    reason=RejectReason.TOO_MANY_PIXELS,
                 )
             img.seek(0)  # first frame of an animated image
             img.load()
@@ -315,11 +368,16 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
     except PreprocessError:
         raise
     except UnidentifiedImageError:
-        raise PreprocessError(_not_an_image(data, spec)) from None
+        raise _not_an_image(data, spec) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PreprocessError(f"image rejected as a decompression bomb: {exc}") from None
+        raise PreprocessError(
+            f"image rejected as a decompression bomb: {exc}",
+            reason=RejectReason.DECOMPRESSION_BOMB,
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise PreprocessError(f"image data is corrupt or truncated: {exc}") from None
+        raise PreprocessError(
+            f"image data is corrupt or truncated: {exc}", reason=RejectReason.CORRUPT
+        ) from None
 
 
 def image_to_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -344,6 +402,36 @@ def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     return image_to_pixels(decode_image(data, spec), spec)
 
 
+def preprocess_post_image(data: bytes | None, spec: PreprocessSpec) -> tuple[np.ndarray, float]:
+    """(pixels [3, S, S], image_present) of a post's image; a post without one (None) gets zero
+    pixels and 0.0 where the served head answers text-only posts, else a PreprocessError that says
+    why it is refused."""
+    if data is not None:
+        return preprocess_image(data, spec), 1.0
+    if not spec.image_optional:
+        raise PreprocessError(
+            f"the post has no image, and {spec.no_image_reason}", reason=RejectReason.NO_IMAGE
+        )
+    return np.zeros((3, spec.image_size, spec.image_size), dtype=np.float32), 0.0
+
+
+def modalities_used(image_present: np.ndarray, ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """[N, 2] float32 = [image, text]: the image where the post had one, the text where its cleaned
+    text has a token (an empty text is <|startoftext|> <|endoftext|> only)."""
+    text = (ids[:, 1] != eos_id).astype(np.float32)
+    return np.stack([image_present.reshape(-1).astype(np.float32), text], axis=1)
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """What the ensemble's first step gives for a batch of posts."""
+
+    pixels: np.ndarray  # [N, 3, S, S] float32; zeros for a post without an image
+    input_ids: np.ndarray  # [N, T] int64
+    image_present: np.ndarray  # [N, 1] float32: 1.0 with an image, 0.0 without
+    modalities_used: np.ndarray  # [N, 2] float32: [image, text] (see modalities_used)
+
+
 class Preprocessor:
     """Both halves together, as the ensemble's first step runs them."""
 
@@ -351,10 +439,30 @@ class Preprocessor:
         self.spec = spec
         self.text = TextPreprocessor(spec, assets_dir)
 
-    def __call__(
-        self, images: list[bytes], tweets: list[str], captions: list[str | None] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def encode(
+        self,
+        images: list[bytes | None],
+        tweets: list[str],
+        captions: list[str | None] | None = None,
+    ) -> Preprocessed:
+        """Every output of the preprocess model; an image None is a post without one (refused
+        unless spec.image_optional, as the served model refuses it)."""
         captions = captions if captions is not None else [None] * len(tweets)
-        pixels = np.stack([preprocess_image(b, self.spec) for b in images])
+        rows = [preprocess_post_image(b, self.spec) for b in images]
         texts = [compose_text(t, c, self.spec) for t, c in zip(tweets, captions)]
-        return pixels, self.text(texts)
+        ids = self.text(texts)
+        present = np.array([[p] for _, p in rows], dtype=np.float32)
+        return Preprocessed(
+            np.stack([px for px, _ in rows]), ids, present,
+            modalities_used(present, ids, self.text.eos_id),
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        images: list[bytes | None],
+        tweets: list[str],
+        captions: list[str | None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, input_ids): what the image and text encoders take."""
+        out = self.encode(images, tweets, captions)
+        return out.pixels, out.input_ids
