@@ -266,7 +266,6 @@ http {{
     # Requests in flight, both ports together (one key for all): one more gets a retryable 503.
     map $server_port $front_all {{ default all; }}
     limit_conn_zone $front_all zone=front_requests:1m;
-    limit_conn front_requests {lim.max_connections};
     limit_conn_status {OVER_LIMIT_STATUS};
     limit_conn_log_level warn;
 {tls_lines}
@@ -301,12 +300,22 @@ http {{
             return {OVER_LIMIT_STATUS} '{{"error":"{unreachable}"}}';
         }}
         location / {{
+            limit_conn front_requests {lim.max_connections};
             proxy_pass http://triton_http;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_connect_timeout {UPSTREAM_CONNECT_TIMEOUT_S}s;
             proxy_send_timeout {lim.upstream_read_timeout_s}s;
             proxy_read_timeout {lim.upstream_read_timeout_s}s;
+        }}
+        # Health probes are not counted as requests in flight: a saturated server still answers
+        # them (a kubelet must not restart a busy pod, nor take it out of its Service).
+        location /v2/health/ {{
+            proxy_pass http://triton_http;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_connect_timeout {UPSTREAM_CONNECT_TIMEOUT_S}s;
+            proxy_read_timeout {UPSTREAM_CONNECT_TIMEOUT_S}s;
         }}
     }}
 
@@ -318,6 +327,7 @@ http {{
         error_page {OVER_LIMIT_STATUS} = @grpc_unavailable;
         error_page 502 = @grpc_unreachable;
         location / {{
+            limit_conn front_requests {lim.max_connections};
             grpc_pass grpc://triton_grpc;
             grpc_connect_timeout {UPSTREAM_CONNECT_TIMEOUT_S}s;
             grpc_send_timeout {lim.upstream_read_timeout_s}s;
@@ -447,22 +457,32 @@ class NginxFront:
         error_log = "stderr" if self.echo_log else str(prefix / "error.log")
         self.conf_text = cfg.render(prefix, error_log=error_log, user=user)
         conf.write_text(self.conf_text)
-        base = [str(binary), "-p", f"{prefix}/", "-c", str(conf)]
-        check = subprocess.run(
-            [*base, "-t", "-q", "-g", "daemon off;"], capture_output=True, text=True
-        )
+        # -e: nginx opens its compiled-in error log (/var/log/nginx) before reading the config:
+        # a permission alert on every start as a non-root user; point it into the prefix.
+        base = [str(binary), "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(conf)]
+        try:
+            check = subprocess.run(
+                [*base, "-t", "-q", "-g", "daemon off;"], capture_output=True, text=True
+            )
+        except OSError as exc:  # not executable, vanished: no prefix left behind
+            self._remove_prefix()
+            raise FrontError(f"cannot run nginx ({binary}): {exc}") from exc
         if check.returncode != 0:
             self._remove_prefix()
             raise FrontError(f"nginx refused its configuration: {check.stderr.strip()}")
-        log = (prefix / "error.log").open("wb")
-        with log:
-            self._proc = subprocess.Popen(
-                [*base, "-g", "daemon off;"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.PIPE if self.echo_log else log,
-                start_new_session=True,
-            )
+        log = (prefix / "error.log").open("ab")
+        try:
+            with log:
+                self._proc = subprocess.Popen(
+                    [*base, "-g", "daemon off;"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.PIPE if self.echo_log else log,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            self._remove_prefix()
+            raise FrontError(f"cannot run nginx ({binary}): {exc}") from exc
         if self.echo_log:
             assert self._proc.stderr is not None
             self._tee_thread = threading.Thread(

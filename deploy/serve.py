@@ -317,11 +317,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _error(f"port {port} on {args.address or '0.0.0.0'} is already in use; "
                        "choose other ports")  # fmt: skip
                 return 1
-        # Triton on loopback-only ports, behind the front (free now; Triton binds them next).
-        front_config = FrontConfig(
-            args.address, args.http_port, args.grpc_port, free_port(), free_port(), limits,
-            args.tls_cert, args.tls_key,
-        )  # fmt: skip
+        # Triton on loopback-only ports, behind the front (free now; Triton binds them next):
+        # two different ones, and neither a public port.
+        upstream = free_port()
+        while (other := free_port()) in (upstream, args.http_port, args.grpc_port):
+            pass
+        try:
+            front_config = FrontConfig(
+                args.address, args.http_port, args.grpc_port, upstream, other, limits,
+                args.tls_cert, args.tls_key,
+            )  # fmt: skip
+        except ValueError as exc:
+            _error(str(exc))
+            return 2
     server = EmbeddedServer(
         args.model_repository,
         address=args.address if front_config is None else front_config.upstream_host,

@@ -172,7 +172,25 @@ def admin_metadata(admin_key: str) -> dict[str, str]:
 # front or the restricted APIs. Flag -> why.
 # Repeatable `KEY=VALUE` flags: only the keys POLICY_ARGS sets are refused (other metrics settings
 # pass through).
-KEYED_FLAGS = ("--metrics-config",)
+KEYED_FLAGS = ("--metrics-config", "--backend-config")
+
+
+def _keyed_refusals() -> dict[tuple[str, str], str]:
+    """(flag, key) -> why, for the flags of KEYED_FLAGS refused for one key only: the policy's,
+    and the python backend's pool sizes that deploy/sizing.py's /dev/shm rule (and so the
+    front's limit of requests in flight) assumes."""
+    out = {}
+    for args, why in (
+        (POLICY_ARGS, "serving policy (POLICY_ARGS)"),
+        (tuple(python_backend_args()), "the /dev/shm rule assumes it (deploy/sizing.py)"),
+    ):
+        for flag, value in zip(args, args[1:]):
+            if flag in KEYED_FLAGS:
+                out[(flag, value.split("=", 1)[0])] = why
+    return out
+
+
+KEYED_REFUSALS = _keyed_refusals()
 REFUSED_FLAGS: dict[str, str] = {
     **{
         flag: "serving policy (POLICY_ARGS)"
@@ -217,11 +235,7 @@ REFUSED_FLAGS: dict[str, str] = {
 def refused_flags() -> dict[str, str]:
     """Every refused flag (REFUSED_FLAGS, and `FLAG KEY` for the policy's keys of KEYED_FLAGS)
     with why: what serve.py --help lists."""
-    keyed = {
-        f"{flag} {value.split('=', 1)[0]}": "serving policy (POLICY_ARGS)"
-        for flag, value in zip(POLICY_ARGS, POLICY_ARGS[1:])
-        if flag in KEYED_FLAGS
-    }
+    keyed = {f"{flag} {key}": why for (flag, key), why in KEYED_REFUSALS.items()}
     return {**REFUSED_FLAGS, **keyed}
 
 
@@ -229,10 +243,6 @@ def refused_extra_args(args: Sequence[str]) -> dict[str, str]:
     """The flags of ``args`` that REFUSED_FLAGS forbids, each with the reason. A name is refused
     when it is a refused flag or an abbreviation of one: tritonserver's getopt_long accepts any
     unambiguous prefix (``--model-repo=...``)."""
-    policy_keys = {
-        (flag, value.split("=", 1)[0]) for flag, value in zip(POLICY_ARGS, POLICY_ARGS[1:])
-        if flag in KEYED_FLAGS
-    }  # fmt: skip
     refused: dict[str, str] = {}
     for i, arg in enumerate(args):
         name, _, value = arg.partition("=")
@@ -244,8 +254,9 @@ def refused_extra_args(args: Sequence[str]) -> dict[str, str]:
                 break
         for flag in KEYED_FLAGS:
             value = value if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-            if flag.startswith(name) and (flag, value.split("=", 1)[0]) in policy_keys:
-                refused[f"{name} {value.split('=', 1)[0]}"] = "serving policy (POLICY_ARGS)"
+            key = value.split("=", 1)[0]
+            if flag.startswith(name) and (flag, key) in KEYED_REFUSALS:
+                refused[f"{name} {key}"] = KEYED_REFUSALS[(flag, key)]
     return refused
 
 
@@ -508,7 +519,10 @@ class EmbeddedServer:
         """The response-cache flags (docs/cache.md); sets ``cache_warning`` where the repository
         asks for a cache the server will not run, or a cache is run that no model uses."""
         self.cache_warning = None
-        if any(a.split("=", 1)[0] in CACHE_FLAGS for a in self.extra_args):
+        names = [a.split("=", 1)[0] for a in self.extra_args if a.startswith("--") and len(a) > 2]
+        # tritonserver takes any unambiguous prefix of a flag (--cache-conf=...), as
+        # refused_extra_args knows
+        if any(flag.startswith(name) for name in names for flag in CACHE_FLAGS):
             return []  # the caller's own cache configuration
         wanted = response_cache_models(self.repository)
         size_mb = self.cache_mb if self.cache_mb is not None else DEFAULT_CACHE_MB * bool(wanted)

@@ -213,7 +213,12 @@ def read_sizing(repo: PathLike) -> Sizing:
             max_batch_size=max(1, config.max_batch_size),
             fixed_bytes=fixed_in + fixed_out, string_inputs=strings,
         ))  # fmt: skip
-    limits = [json.loads(p.read_text()) for p in sorted(root.glob(f"*/[0-9]*/{PREPROCESS_JSON}"))]
+    limits = []
+    for path in sorted(root.glob(f"*/[0-9]*/{PREPROCESS_JSON}")):
+        try:
+            limits.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise SizingError(f"{path}: {exc}") from exc
     if not limits:
         return Sizing(tuple(models), max_image_bytes=None, max_text_chars=None)
     try:

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--response-cache",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="enable Triton's response cache on the encoders, the head and the ensemble "
+        help="enable Triton's response cache on the encoders and the head "
         "(deployment.json response_cache; crisis-serve then starts a local cache): a photo seen "
         "before skips the image encoder, even with another text (docs/cache.md). "
         "Default: off",

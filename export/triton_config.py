@@ -348,14 +348,17 @@ def ensemble_config(
 
 def cached_models(specs: ModelSpecs, dep: Deployment) -> tuple[str, ...]:
     """The models whose config enables Triton's response cache (docs/cache.md): the compute
-    graphs (encoders, head: pure functions of their input tensors) and the ensemble (an exact
-    repeat of a post is answered before any step runs). Not the preprocess model: it is a pure
-    function too, but its inputs are the ensemble's own (image, text, caption), so whatever it
-    could hit the ensemble's cache has already answered, and each entry would hold a whole
-    pixel_values tensor (600 KB at 224 px) pushing out the features worth keeping."""
+    graphs (encoders, head: pure functions of their input tensors, always asked for the same
+    outputs by the ensemble). Not the ensemble: Triton's cache key is the model, its version and
+    the input tensors, not the outputs asked for, so a post first asked for `probs_task1` alone
+    would later be answered with that one output to a request for every task (measured on
+    tritonserver 2.51; tests/test_cache.py). Not the preprocess model: it is a pure function
+    too, but each entry would hold a whole pixel_values tensor (600 KB at 224 px) pushing out
+    the features worth keeping, and an exact repeat of a post hits the encoders' and head's
+    entries anyway."""
     if not dep.response_cache:
         return ()
-    return (*(g.name for g in specs.onnx_graphs), specs.ensemble.name)
+    return tuple(g.name for g in specs.onnx_graphs)
 
 
 def all_configs(

@@ -289,12 +289,9 @@ def load_weights(source: WeightsSource) -> LoadedModels:
                 )
                 for t, c in cks.items()
             }
-            variants = {source.head or c.variant for c in cks.values()}
-            if len(variants) > 1:
-                raise UsageError(f"the checkpoints hold different heads {sorted(variants)}: "
-                                 "one export serves one head type (--head picks one)")  # fmt: skip
-            provenance = {t: f"{c.path} ({source.head or c.variant})" for t, c in cks.items()}
-            return _loaded(enc, heads, provenance, variants.pop(), {})
+            variants = {t: source.head or c.variant for t, c in cks.items()}
+            provenance = {t: f"{c.path} ({variants[t]})" for t, c in cks.items()}
+            return _loaded(enc, heads, provenance, _head_type(variants), {})
         if not head_files:
             raise UsageError(
                 "no weights: give --checkpoint TASK=PATH, --head-weights TASK=PATH "
@@ -321,14 +318,24 @@ def load_weights(source: WeightsSource) -> LoadedModels:
                 heads[t] = load_head(
                     state, t, enc.config.image_dim, enc.config.text_dim, kinds[t], str(path)
                 )
-        if len(set(kinds.values())) > 1:
-            raise UsageError(
-                f"--head-weights: heads of different types {kinds}: one export serves one head type"
-            )
         provenance = {t: f"{p} ({kinds[t]})" for t, p in head_files.items()}
-        return _loaded(enc, heads, provenance, next(iter(kinds.values())), trained)
+        return _loaded(enc, heads, provenance, _head_type(kinds), trained)
     except (CheckpointError, EncoderLoadError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+
+
+def _head_type(kinds: dict[str, str]) -> str:
+    """The head type of one export from each task's: the paper's two variants mix (one graph,
+    each task its own head, as the research checkpoints of the paper may be: the type is then
+    the family's first name); cma_clip does not mix with them (its graph takes token
+    sequences)."""
+    types = set(kinds.values())
+    if CMA_CLIP in types and len(types) > 1:
+        raise UsageError(
+            f"heads of different types {kinds}: a cma_clip head cannot share an export with the "
+            "paper's heads (one export serves one head type)"
+        )
+    return types.pop() if len(types) == 1 else HEAD_VARIANTS[0]
 
 
 def _head_kind(

@@ -43,7 +43,7 @@ from export.triton_config import Deployment, all_configs, cached_models, to_pbtx
 from tests.conftest import TINY_EXPORT_ARGS, run_export
 
 SPECS = build_specs(load_encoder_config("hf-clip-tiny"))
-CACHED = (ENSEMBLE, IMAGE_ENCODER, TEXT_ENCODER, HEAD)
+CACHED = (IMAGE_ENCODER, TEXT_ENCODER, HEAD)
 
 
 # ----------------------------------------------------------------------------------- configs
@@ -55,12 +55,13 @@ def test_no_model_is_cached_by_default() -> None:
     assert [n for n, c in configs.items() if c.HasField("response_cache")] == []
 
 
-def test_response_cache_on_encoders_head_and_ensemble_not_preprocess() -> None:
+def test_response_cache_on_encoders_and_head_not_ensemble_or_preprocess() -> None:
     dep = Deployment(response_cache=True)
     configs = all_configs(SPECS, dep)
     assert sorted(n for n, c in configs.items() if c.response_cache.enable) == sorted(CACHED)
     assert sorted(cached_models(SPECS, dep)) == sorted(CACHED)
     assert not configs[PREPROCESS].HasField("response_cache")
+    assert not configs[ENSEMBLE].HasField("response_cache")  # its key ignores the outputs asked
     assert "response_cache {\n  enable: true\n}" in to_pbtxt(configs[IMAGE_ENCODER])
 
 
@@ -294,7 +295,7 @@ def test_same_photo_other_text_skips_the_image_encoder(servers: Any) -> None:
     change = _change(stats0, _stats(server))
     assert change[IMAGE_ENCODER] == {"hits": 1, "misses": 1, "executions": 1}
     assert change[TEXT_ENCODER] == {"hits": 0, "misses": 2, "executions": 2}
-    assert change[ENSEMBLE]["hits"] == 0 and change[ENSEMBLE]["misses"] == 2
+    assert change[HEAD] == {"hits": 0, "misses": 2, "executions": 2}
     # the same count in Prometheus' metrics (nv_cache_num_hits_per_model)
     metrics = cache_stream._delta(metrics0, cache_stream.cache_counts(server.url_metrics))
     assert metrics[IMAGE_ENCODER] == {"hits": 1, "misses": 1}
@@ -305,11 +306,12 @@ def test_cached_answers_equal_computed_ones_bitwise(servers: Any) -> None:
     photo, text, other = _photo(202), "power outage, families need shelter", "smoke evacuation"
     stats0 = _stats(servers.cached)
     computed = _infer(servers.cached, photo, text)
-    repeated = _infer(servers.cached, photo, text)  # the ensemble's cache answers
+    repeated = _infer(servers.cached, photo, text)  # the encoders' and the head's caches answer
     image_hit = _infer(servers.cached, photo, other)  # the image encoder's cache answers
     change = _change(stats0, _stats(servers.cached))
-    assert (change[ENSEMBLE]["hits"], change[ENSEMBLE]["misses"]) == (1, 2)
-    assert change[IMAGE_ENCODER]["hits"] == 1 and change[IMAGE_ENCODER]["executions"] == 1
+    assert change[IMAGE_ENCODER] == {"hits": 2, "misses": 1, "executions": 1}
+    assert change[TEXT_ENCODER] == {"hits": 1, "misses": 2, "executions": 2}
+    assert change[HEAD] == {"hits": 1, "misses": 2, "executions": 2}
     assert _bitwise_equal(computed, repeated)
     # ... and equal to what the server without a cache computes for the same posts
     assert _bitwise_equal(computed, _infer(servers.uncached, photo, text))
@@ -326,7 +328,31 @@ def test_refused_posts_are_never_cached(servers: Any) -> None:
     for _ in range(2):
         with pytest.raises(InferenceServerException, match="image"):
             _infer(server, b"not an image at all", "some text")
-    assert _change(stats0, _stats(server))[ENSEMBLE]["hits"] == 0
+    assert all(c["hits"] == 0 for c in _change(stats0, _stats(server)).values())
+
+
+def test_a_post_asked_for_fewer_outputs_first_still_gets_every_output(servers: Any) -> None:
+    """Triton's cache key ignores the outputs a request asks for: the ensemble is not cached, so
+    a post first asked for one task is answered with every task when asked for all of them (on
+    tritonserver 2.51, a cached ensemble answered with the first request's single output)."""
+    import tritonclient.http as http
+
+    from client.triton_client import bytes_input
+
+    photo, text = _photo(303), "roads flooded near the river"
+    client = http.InferenceServerClient(servers.cached.url_http)
+    try:
+        everything = [o["name"] for o in client.get_model_metadata(ENSEMBLE)["outputs"]]
+        for asked in (everything[:1], everything):
+            inputs = [
+                bytes_input(http, IMAGE_INPUT, photo),
+                bytes_input(http, TEXT_INPUT, text.encode()),
+            ]
+            outputs = [http.InferRequestedOutput(name) for name in asked]
+            result = client.infer(ENSEMBLE, inputs, outputs=outputs)
+            assert sorted(o["name"] for o in result.get_response()["outputs"]) == sorted(asked)
+    finally:
+        client.close()
 
 
 def test_cache_stream_counts_the_repeats(servers: Any) -> None:
@@ -340,7 +366,7 @@ def test_cache_stream_counts_the_repeats(servers: Any) -> None:
     assert row["repeated_photos"] == 6
     assert row["cache_counts"][IMAGE_ENCODER] == {"hits": 6, "misses": 6}
     assert row["cache_counts"][TEXT_ENCODER]["hits"] == 0
-    assert row["cache_counts"][ENSEMBLE]["hits"] == 0
+    assert ENSEMBLE not in row["cache_counts"]
     assert row["cache_us_per_lookup"][IMAGE_ENCODER] > 0  # hashing 600 KB of pixels is not free
     table = cache_stream.markdown([row], {"machine": {"label": "test"}, "requests": 12})
     assert "| 50% (6) |" in table

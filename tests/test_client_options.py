@@ -51,6 +51,7 @@ from client.triton_client import (
 from deploy.server import ADMIN_KEY_HEADER, GRPC_RESTRICTED_PREFIX, EmbeddedServer, free_port
 from export.names import ENSEMBLE
 from tests.conftest import ROOT, TINY_TASKS
+from tests.tls_certs import make_certificates, openssl_missing
 
 IMAGE = ROOT / "examples" / "flooded_house.jpg"
 TEXT = "Flood waters rising downtown #Harvey"
@@ -408,29 +409,16 @@ class GrpcFront:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
-    d = tmp_path_factory.mktemp("certs")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=crisis test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    for name, ext in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ):
-        (d / f"{name}.ext").write_text(ext + "\n")
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN=crisis test {name}")  # fmt: skip
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-out", f"{name}.pem",
-                "-extfile", f"{name}.ext")  # fmt: skip
-    return {p.name: p for p in d.iterdir()}
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate
+    (tests/tls_certs.py), by the names these tests use."""
+    if (why := openssl_missing()) is not None:
+        pytest.skip(why)
+    made = make_certificates(tmp_path_factory.mktemp("certs"))
+    return {
+        "ca.pem": made.ca_cert, "ca.key": made.ca_key,
+        "server.pem": made.server_cert, "server.key": made.server_key,
+        "client.pem": made.client_cert, "client.key": made.client_key,
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -359,9 +359,12 @@ def test_requests_over_the_limit_get_a_retryable_answer(served: Served) -> None:
     held = [_hold_a_request(served) for _ in range(LIMIT)]
     try:
         time.sleep(0.5)  # nginx has read their headers
-        status, body, answer = _request(served.https(), "GET", "/v2/health/ready")
+        status, body, answer = _request(served.https(), "GET", f"/v2/models/{ENSEMBLE}")
         assert status == 503 and answer.getheader("Retry-After") == "1"
         assert f"over {LIMIT} requests in flight" in json.loads(body)["error"]
+        # health probes are not requests in flight: a saturated server stays live and ready
+        assert _request(served.https(), "GET", "/v2/health/ready")[0] == 200
+        assert _request(served.https(), "GET", "/v2/health/live")[0] == 200
         client = grpc.InferenceServerClient(
             f"localhost:{served.grpc_port}", ssl=True, root_certificates=str(served.certs.ca_cert)
         )

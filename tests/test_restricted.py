@@ -85,6 +85,13 @@ def test_every_policy_flag_and_its_abbreviation_is_refused() -> None:
         assert refused_extra_args(args), args
         with pytest.raises(ValueError, match="cannot be passed through"):
             EmbeddedServer("unused", extra_args=args)
+    # the python backend's pool sizes: deploy/sizing.py's /dev/shm rule assumes them
+    for args in (["--backend-config", "python,shm-default-byte-size=67108864"],
+                 ["--backend-conf=python,shm-growth-byte-size=1"]):  # fmt: skip
+        assert list(refused_extra_args(args).values()) == [
+            "the /dev/shm rule assumes it (deploy/sizing.py)"
+        ], args
+    assert refused_extra_args(["--backend-config", "python,stub-timeout-seconds=60"]) == {}
     allowed = ["--log-verbose", "1", "--http-thread-count=4", "--cache-config", "local,size=1"]
     assert refused_extra_args(allowed) == {}
     assert EmbeddedServer("unused", extra_args=allowed).extra_args == allowed

@@ -238,6 +238,11 @@ def test_plain_state_dict_is_a_research_head(task1: tuple[Dataset, Path], tmp_pa
     state = train(cache, tmp_path / "p.pt", "task1", "guided_ca", "--plain")
     assert "crisis_head" not in state and "cls_layer.weight" in state
     load_head(state, "task1", 64, 48, "guided_ca", "p.pt")
+    # a plain file cannot say the head answers posts without an image: refused, nothing written
+    argv = ["--features", str(cache), "--task", "task1", "--head", "guided_ca", "--plain",
+            "--modality-dropout", "0.3", "--out", str(tmp_path / "q.pt")]  # fmt: skip
+    assert train_main([*argv, *FAST]) == 2
+    assert not (tmp_path / "q.pt").exists()
 
 
 @pytest.mark.parametrize("head", ["guided_ca_diff", "cma_clip"])

@@ -67,7 +67,7 @@ def test_labels_and_optional_caption_come_from_the_spec() -> None:
     # saying why (docs/text-only.md)
     assert [(i.name, i.optional) for i in ens.input] == [
         ("image", True),
-        ("text", False),
+        ("text", True),  # for Triton only: the preprocess model refuses a post without text
         ("caption", True),
     ]
     assert [s.model_name for s in ens.ensemble_scheduling.step] == [

@@ -1,8 +1,9 @@
-"""A throwaway certificate authority and a server certificate it signed, for the TLS tests.
+"""A throwaway certificate authority, a server certificate and a client certificate it signed,
+for the TLS tests.
 
 Made with the openssl command-line tool (EC P-256 keys, valid one day): ``ca.crt`` is what a
 client trusts (``--root-certs``), ``server.crt`` / ``server.key`` what the front serves, for
-``localhost`` and 127.0.0.1.
+``localhost`` and 127.0.0.1, ``client.crt`` / ``client.key`` a client's (mutual TLS).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ SERVER_NAMES = ("DNS:localhost", "IP:127.0.0.1")
 @dataclass(frozen=True)
 class Certificates:
     ca_cert: Path
+    ca_key: Path
     server_cert: Path
     server_key: Path
+    client_cert: Path
+    client_key: Path
 
 
 def openssl_missing() -> str | None:
@@ -41,13 +45,20 @@ def make_certificates(folder: Path, names: tuple[str, ...] = SERVER_NAMES) -> Ce
              "-subj", "/CN=crisis-triton test CA",
              "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)  # fmt: skip
-    _openssl("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=localhost", cwd=folder)  # fmt: skip
-    (folder / "server.ext").write_text(
-        f"subjectAltName={','.join(names)}\n"
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+    usage = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+    for name, subject, ext in (
+        ("server", "/CN=localhost", f"subjectAltName={','.join(names)}\n{usage}"
+                                    "extendedKeyUsage=serverAuth\n"),
+        ("client", "/CN=crisis-triton test client", f"{usage}extendedKeyUsage=clientAuth\n"),
+    ):  # fmt: skip
+        _openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", subject, cwd=folder)  # fmt: skip
+        (folder / f"{name}.ext").write_text(ext)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "1",
+                 "-extfile", f"{name}.ext", cwd=folder)  # fmt: skip
+    return Certificates(
+        *(folder / f for f in ("ca.crt", "ca.key", "server.crt", "server.key")),
+        folder / "client.crt",
+        folder / "client.key",
     )
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "server.crt", "-days", "1",
-             "-extfile", "server.ext", cwd=folder)  # fmt: skip
-    return Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key")

@@ -348,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError("--epochs, --batch-size and --patience must be >= 1")
         if args.plain and args.head == "cma_clip":
             raise DataError("--plain is for the paper's heads (research key names) only")
+        if args.plain and args.modality_dropout > 0:
+            raise DataError(
+                "--plain drops what the export reads from a head file (modality dropout, the "
+                "encoders it was trained on): a head trained with --modality-dropout saved plain "
+                "would be served as one that cannot answer posts without an image"
+            )
         if args.threads is not None and args.threads < 1:
             raise DataError("--threads must be >= 1")
         threads = args.threads or (1 if args.head in GUIDED_HEADS else None)
