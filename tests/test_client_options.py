@@ -50,7 +50,7 @@ from client.triton_client import (
 )
 from deploy.server import ADMIN_KEY_HEADER, GRPC_RESTRICTED_PREFIX, EmbeddedServer, free_port
 from export.names import ENSEMBLE
-from tests.conftest import ROOT, TINY_TASKS
+from tests.conftest import ROOT, TEST_STOP_TIMEOUT, TINY_TASKS
 from tests.tls_certs import make_certificates, openssl_missing
 
 IMAGE = ROOT / "examples" / "flooded_house.jpg"
@@ -431,7 +431,9 @@ def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     config = ensemble / "config.pbtxt"
     config.write_text(config.read_text() + "version_policy: { all: {} }\n")
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(repo, timeout=240, admin_key=SECRET, **ports) as srv:
+    with EmbeddedServer(
+        repo, timeout=240, admin_key=SECRET, stop_timeout=TEST_STOP_TIMEOUT, **ports
+    ) as srv:
         yield srv
 
 

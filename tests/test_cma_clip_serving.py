@@ -34,7 +34,7 @@ from export.names import (
     modality_weights_name,
     probs_name,
 )
-from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
+from tests.conftest import ROOT, TEST_STOP_TIMEOUT, TINY_EXPORT_ARGS, run_export
 
 TASKS = ("task1", "task2", "task3")
 CMA_ARGS = (*TINY_EXPORT_ARGS, "--head", "cma_clip")
@@ -52,7 +52,7 @@ def make_image(seed: int, size: tuple[int, int] = (120, 90)) -> bytes:
 
 def serve(repo: Path):
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    return EmbeddedServer(repo, timeout=240, **ports)
+    return EmbeddedServer(repo, timeout=240, stop_timeout=TEST_STOP_TIMEOUT, **ports)
 
 
 def names_of(tasks: tuple[str, ...], weights: bool) -> list[str]:

@@ -18,7 +18,7 @@ from PIL import Image
 from client.triton_client import bytes_input, raw_probabilities
 from deploy.server import EmbeddedServer, free_port
 from export.spec import ENSEMBLE, LABELS, TEXT_INPUT
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_STOP_TIMEOUT
 
 TASKS = ("task1", "task2", "task3")
 
@@ -26,7 +26,7 @@ TASKS = ("task1", "task2", "task3")
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path):
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(tiny_repo, timeout=240, **ports) as srv:
+    with EmbeddedServer(tiny_repo, timeout=240, stop_timeout=TEST_STOP_TIMEOUT, **ports) as srv:
         yield srv
 
 

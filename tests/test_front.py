@@ -36,6 +36,7 @@ from deploy.net import free_port
 from deploy.server import ADMIN_KEY_HEADER, EmbeddedServer, admin_metadata
 from export.names import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
 from export.repository import read_preprocess_spec
+from tests.conftest import TINY_EXPORT_ARGS, run_export
 from tests.tls_certs import Certificates, make_certificates, openssl_missing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,10 +200,21 @@ def _stats(conn: http.client.HTTPConnection) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """serve.py --tls-cert/--tls-key on the tiny repository, started as a user would."""
+def front_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny export with max_batch_size 4: serve.py sizes /dev/shm by deploy/sizing.py's rule
+    and refuses to start where not one request fits beside the pools; at max_batch_size 32 the
+    tiny repository needs 69 MiB, more than the 64 MiB /dev/shm of a default container (the
+    clean-container CI run), at 4 it needs 34."""
     if _skip_reason() is not None:
         pytest.skip(str(_skip_reason()))
+    out = tmp_path_factory.mktemp("front_repo")
+    assert run_export(*TINY_EXPORT_ARGS, "--max-batch-size", "4", "--out", str(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(front_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """serve.py --tls-cert/--tls-key on the tiny repository, started as a user would."""
     from tests.test_server_launcher import first_line
 
     folder = tmp_path_factory.mktemp("front")
@@ -212,7 +224,7 @@ def served(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     ports = [free_port() for _ in range(3)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen(
-        [sys.executable, "deploy/serve.py", "--model-repository", str(tiny_repo),
+        [sys.executable, "deploy/serve.py", "--model-repository", str(front_repo),
          "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
          "--metrics-port", str(ports[2]), "--timeout", "240",
          "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
@@ -236,8 +248,8 @@ def served(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @needs_front
-def test_ready_line_names_the_tls_urls(served: Served, tiny_repo: Path) -> None:
-    cap = front_limits(tiny_repo).max_body_bytes
+def test_ready_line_names_the_tls_urls(served: Served, front_repo: Path) -> None:
+    cap = front_limits(front_repo).max_body_bytes
     assert served.ready_line.startswith(
         f"crisis_classifier ready on https://127.0.0.1:{served.http_port} "
         f"grpcs://127.0.0.1:{served.grpc_port} metrics http://127.0.0.1:{served.metrics_port}"

@@ -17,7 +17,7 @@ from deploy.server import EmbeddedServer, free_port
 from export.preprocess import PreprocessSpec
 from export.repository import read_preprocess_spec
 from export.spec import ENSEMBLE, PREPROCESS, probs_name
-from tests.conftest import TINY_TASKS, run_export
+from tests.conftest import TEST_STOP_TIMEOUT, TINY_TASKS, run_export
 
 OUTPUTS = [probs_name(t) for t in TINY_TASKS]
 
@@ -28,7 +28,7 @@ def ports() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path):
-    with EmbeddedServer(tiny_repo, timeout=240, **ports()) as srv:
+    with EmbeddedServer(tiny_repo, timeout=240, stop_timeout=TEST_STOP_TIMEOUT, **ports()) as srv:
         yield srv
 
 

@@ -32,6 +32,7 @@ from deploy.server import (
     refused_flags,
     restricted_args,
 )
+from tests.conftest import TEST_STOP_TIMEOUT
 from tests.test_server_launcher import make_repo, ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,9 @@ def test_serve_py_help_lists_the_refused_flags() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     repo = make_repo(tmp_path_factory.mktemp("restricted"))
-    with EmbeddedServer(repo, timeout=120, admin_key=KEY, **ports()) as srv:
+    with EmbeddedServer(
+        repo, timeout=120, admin_key=KEY, stop_timeout=TEST_STOP_TIMEOUT, **ports()
+    ) as srv:
         yield srv
 
 
