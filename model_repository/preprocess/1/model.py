@@ -12,8 +12,9 @@ request gets an INVALID_ARG error naming the problem and the others in the batch
 
 Every refused post is counted in the custom metric `crisis_rejected_posts_total{reason=...}` (the
 python backend's metrics API; label values: crisis_preprocess.RejectReason), one per row of the
-refused request. Requests Triton refuses before this model runs (a missing input, a wrong dtype
-or shape) are not counted here: they are in the failure counts of the ensemble (docs/monitoring.md).
+refused request, a request without its text input included (reason no_text: every input is
+optional for Triton, see export/spec.py). Requests Triton refuses before this model runs (a wrong
+dtype or shape) are not counted here, nor in any of Triton 2.51's own metrics (docs/monitoring.md).
 """
 
 import json
