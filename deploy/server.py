@@ -105,6 +105,8 @@ METRICS_PORT = 8002
 LIVE_PATH = "/v2/health/live"
 READY_PATH = "/v2/health/ready"
 METRICS_PATH = "/metrics"
+# Seconds start() waits, once the server is ready, for the metrics port to answer too.
+METRICS_WAIT_S = 10.0
 STOP_TIMEOUT = 30.0  # s from SIGTERM to SIGKILL; Triton drains for exit_timeout_secs() of it
 # Serving policy, the same for the embedded server and a stock Triton: no client can load or unload
 # models, ready means every model is ready, a model that fails to load stops the server, and configs
@@ -687,6 +689,7 @@ class EmbeddedServer:
                 )
             if self._is_ready():
                 if self._proc.poll() is None:  # the answer came from our server
+                    self._wait_metrics(min(deadline, time.monotonic() + METRICS_WAIT_S))
                     self._ready_seconds = time.monotonic() - self._launched_at
                     self._shm_regions |= shm_regions_of(self._proc.pid)
                     return
@@ -707,6 +710,14 @@ class EmbeddedServer:
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
+
+    def _wait_metrics(self, until: float) -> None:
+        """Triton opens its metrics port a moment after the HTTP endpoint reports ready (seen
+        refused just after readiness): wait for it, so "ready" includes what a Prometheus
+        scrapes. At most until ``until`` (a server run with --allow-metrics false has none)."""
+        url = f"http://{self.url_metrics}{METRICS_PATH}"
+        while http_request("GET", url) is None and time.monotonic() < until:
+            time.sleep(0.05)
 
     def _start_error(
         self,
