@@ -27,6 +27,29 @@ class RepositoryError(ValueError):
     """A model repository the embedded tritonserver cannot load."""
 
 
+class ConfigParseError(ValueError):
+    """A config.pbtxt that is not a ModelConfig in protobuf text format (or not UTF-8)."""
+
+
+def parse_config(config_path: Path) -> ModelConfig:
+    """One ``config.pbtxt`` as Triton's ``ModelConfig`` protobuf: the one reader of the configs
+    in deploy/ (the repository check, the /dev/shm rule, the response-cache switch).
+
+    Raises:
+        OSError: the file cannot be read.
+        ConfigParseError: it does not parse.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(
+            config_path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig()
+        )
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ConfigParseError(str(exc)) from exc
+
+
 def _refusal(name: str, what: str) -> RepositoryError:
     return RepositoryError(
         f"model '{name}' needs {what}, which the embedded tritonserver (nvidia-pytriton) lacks: "
@@ -46,9 +69,6 @@ def check_repository(repo: PathLike) -> list[str]:
     Raises:
         RepositoryError: naming the model and the problem.
     """
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     root = Path(repo)
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} is not a directory")
@@ -60,10 +80,8 @@ def check_repository(repo: PathLike) -> list[str]:
         if not config_path.is_file():
             raise RepositoryError(f"model '{name}': {config_path} is missing")
         try:
-            config = text_format.Parse(
-                config_path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig()
-            )
-        except (text_format.ParseError, UnicodeDecodeError) as exc:
+            config = parse_config(config_path)
+        except ConfigParseError as exc:
             raise RepositoryError(f"model '{name}': {config_path} does not parse: {exc}") from exc
         _check_model(folder, config)
         configs[name] = config

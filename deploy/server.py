@@ -45,7 +45,12 @@ from deploy.net import client_host, free_port, http_request, port_in_use
 from deploy.repository_check import EXPORT_REPORT as EXPORT_REPORT
 from deploy.repository_check import SUPPORTED_BACKENDS as SUPPORTED_BACKENDS
 from deploy.repository_check import SUPPORTED_PLATFORMS as SUPPORTED_PLATFORMS
-from deploy.repository_check import RepositoryError, check_repository
+from deploy.repository_check import (
+    ConfigParseError,
+    RepositoryError,
+    check_repository,
+    parse_config,
+)
 from deploy.server_log import (
     LOG_TAIL_LINES,
     ServerStartError,
@@ -288,16 +293,11 @@ def response_cache_models(repository: PathLike) -> list[str]:
     """The models of ``repository`` whose config.pbtxt enables Triton's response cache (sorted).
     Read from the configs, what Triton acts on (the container has no export package to read
     deployment.json with); unreadable configs count as none (check_repository reports them)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     names = []
     for config_path in sorted(Path(repository).glob("*/config.pbtxt")):
         try:
-            config = text_format.Parse(
-                config_path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig()
-            )
-        except (OSError, text_format.ParseError, UnicodeDecodeError):
+            config = parse_config(config_path)
+        except (OSError, ConfigParseError):
             continue
         if config.response_cache.enable:
             names.append(config_path.parent.name)

@@ -191,15 +191,14 @@ def read_sizing(repo: PathLike) -> Sizing:
         SizingError: a config that does not parse, a limit missing from preprocess.json, a
             tensor of no fixed size.
     """
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    from deploy.repository_check import ConfigParseError, parse_config
 
     root = Path(repo)
     models = []
     for config_path in sorted(root.glob("*/config.pbtxt")):
         try:
-            config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-        except (OSError, text_format.ParseError) as exc:
+            config = parse_config(config_path)
+        except (OSError, ConfigParseError) as exc:
             raise SizingError(f"{config_path}: {exc}") from exc
         if config.platform or config.backend != "python":
             continue

@@ -36,10 +36,9 @@ from deploy.net import free_port
 from deploy.server import ADMIN_KEY_HEADER, EmbeddedServer, admin_metadata
 from export.names import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
 from export.repository import read_preprocess_spec
-from tests.conftest import TINY_EXPORT_ARGS, run_export
+from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
 from tests.tls_certs import Certificates, make_certificates, openssl_missing
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "front-test-admin-key-0123"
 BIG = 30 * 1000 * 1000  # a 30 MB body
 LIMIT = 2  # --max-connections of the served front

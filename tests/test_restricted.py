@@ -32,10 +32,9 @@ from deploy.server import (
     refused_flags,
     restricted_args,
 )
-from tests.conftest import TEST_STOP_TIMEOUT
+from tests.conftest import ROOT, TEST_STOP_TIMEOUT
 from tests.test_server_launcher import make_repo, ports
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-admin-key-0123456789"
 
 needs_server = pytest.mark.skipif(
