@@ -4,6 +4,7 @@ launcher's readiness polling)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import urllib.error
 import urllib.request
@@ -39,6 +40,16 @@ def client_host(address: str) -> str:
     if ":" in address and not address.startswith("["):
         return f"[{address}]"
     return address
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a bind ``address`` reaches this machine only (127.0.0.0/8, ::1, localhost)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # No proxies: an http_proxy in the environment must not see (or break) local polling.

@@ -21,13 +21,16 @@ if [ ! -e "$LIBDIR/libpython$PYV.so.1.0" ] && ! ldconfig -p 2>/dev/null | grep -
     echo "         Install it (Debian/Ubuntu: sudo apt-get install libpython$PYV)." >&2
   fi
 fi
-# The TLS front (deploy/front.py) runs Debian's nginx; the monitoring test runs Debian's prometheus
-# (with promtool). Install them where we can (root with apt); without them those tests skip and say why.
-if ! { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || ! command -v promtool >/dev/null; then
+# The front (deploy/front.py) runs Debian's nginx with its Lua module and lua-cjson (the request
+# checks of deploy/front_guard.lua); the monitoring test runs Debian's prometheus (with promtool).
+# Install them where we can (root with apt); without them those tests skip and say why.
+if ! { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || ! command -v promtool >/dev/null \
+   || [ ! -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || ! ls /usr/lib/*/lua/5.1/cjson.so >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing nginx and prometheus (TLS front, monitoring tests)"
+    echo "installing nginx (with its Lua module, lua-cjson) and prometheus (front, monitoring tests)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      nginx prometheus) >/dev/null 2>&1 || echo "WARNING: could not install nginx/prometheus: their tests will skip" >&2
+      nginx libnginx-mod-http-lua lua-cjson prometheus) >/dev/null 2>&1 \
+      || echo "WARNING: could not install nginx/lua/prometheus: their tests will skip" >&2
   else
     echo "nginx/prometheus missing and not root with apt: the TLS front and monitoring tests will skip" >&2
   fi

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,15 +22,17 @@ from pathlib import Path
 
 import pytest
 
+from client.triton_client import bytes_input
 from deploy.front import (
     MAX_CONNECTIONS,
     REQUEST_HEADER_BYTES,
     FrontConfig,
     FrontLimits,
+    LuaModules,
     NginxFront,
     body_cap,
-    find_nginx,
     front_limits,
+    front_missing,
     post_bytes,
 )
 from deploy.net import free_port
@@ -40,16 +43,13 @@ from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
 from tests.tls_certs import Certificates, make_certificates, openssl_missing
 
 KEY = "front-test-admin-key-0123"
+_FAKE_MODULES = LuaModules(Path("/m/ndk.so"), Path("/m/lua.so"), Path("/c"), Path("/g"))
 BIG = 30 * 1000 * 1000  # a 30 MB body
 LIMIT = 2  # --max-connections of the served front
 
 
 def _nginx_missing() -> str | None:
-    try:
-        find_nginx()
-    except Exception as exc:  # FrontError
-        return str(exc)
-    return None
+    return front_missing()
 
 
 def _skip_reason() -> str | None:
@@ -97,13 +97,17 @@ def test_front_config_is_checked_and_rendered(tmp_path: Path) -> None:
         FrontConfig("127.0.0.1", 1, 2, 3, 4, limits, tls_cert=tmp_path / "c")
     with pytest.raises(ValueError, match="must all differ"):
         FrontConfig("127.0.0.1", 1, 2, 2, 4, limits)
-    plain = FrontConfig("::", 8000, 8001, 9000, 9001, limits).render(tmp_path, error_log="x")
+    plain = FrontConfig("::", 8000, 8001, 9000, 9001, limits).render(
+        tmp_path, error_log="x", modules=_FAKE_MODULES
+    )
     assert "listen [::]:8000 ipv6only=off;" in plain  # `::`: IPv4 too, as for tritonserver
     assert "listen [::]:8001 http2 ipv6only=off;" in plain
-    assert "client_max_body_size 12345;" in plain and "limit_conn front_requests 7;" in plain
+    assert "client_max_body_size 12345;" in plain
+    # requests in flight: front_guard.lua's counter (bodies that arrived), configured here
+    assert '"max_in_flight": 7' in plain and "limit_conn per_client 32;" in plain
     assert "ssl" not in plain
     tls = FrontConfig("0.0.0.0", 8000, 8001, 9000, 9001, limits, tmp_path / "c", tmp_path / "k")
-    text = tls.render(tmp_path, error_log="x", user="nobody nogroup")
+    text = tls.render(tmp_path, error_log="x", user="nobody nogroup", modules=_FAKE_MODULES)
     assert "listen 0.0.0.0:8000 ssl;" in text and "listen 0.0.0.0:8001 ssl http2;" in text
     assert f"ssl_certificate_key {tmp_path / 'k'};" in text and "user nobody nogroup;" in text
     assert "server 127.0.0.1:9000;" in text and "grpc_pass grpc://triton_grpc;" in text
@@ -349,7 +353,8 @@ def test_a_30_mb_body_is_refused_at_the_front(served: Served, tmp_path: Path) ->
 
 
 def _hold_a_request(served: Served) -> ssl.SSLSocket:
-    """A request whose body never finishes: it holds one place of the front's limit."""
+    """A request whose body never finishes (a slow client): it holds a place of its own
+    address's limit, none of the limit of requests in flight."""
     context = ssl.create_default_context(cafile=str(served.certs.ca_cert))
     sock = context.wrap_socket(
         socket.create_connection(("127.0.0.1", served.http_port)), server_hostname="localhost"
@@ -362,30 +367,68 @@ def _hold_a_request(served: Served) -> ssl.SSLSocket:
     return sock
 
 
+def _post_over_https(served: Served, image: bytes) -> tuple[int, bytes, http.client.HTTPResponse]:
+    import tritonclient.http as http_client
+
+    inputs = [
+        bytes_input(http_client, IMAGE_INPUT, image),
+        bytes_input(http_client, TEXT_INPUT, b"x"),
+    ]
+    body, header_length = http_client.InferenceServerClient.generate_request_body(inputs)
+    return _request(
+        served.https(), "POST", f"/v2/models/{ENSEMBLE}/infer", body,
+        **{"Inference-Header-Content-Length": str(header_length)},
+    )  # fmt: skip
+
+
 @needs_front
-def test_requests_over_the_limit_get_a_retryable_answer(served: Served) -> None:
+def test_requests_over_the_limit_get_a_retryable_answer(served: Served, tmp_path: Path) -> None:
+    """The limit counts requests being proxied to Triton: slow bodies hold none of it; posts
+    waiting inside Triton do, and one more gets a retryable 503 (gRPC UNAVAILABLE)."""
     import tritonclient.grpc as grpc
     from tritonclient.utils import InferenceServerException
 
-    held = [_hold_a_request(served) for _ in range(LIMIT)]
+    from tests.procs import stopped, triton_pid
+
+    image = _jpeg(tmp_path / "post.jpg").read_bytes()
+    held = [_hold_a_request(served) for _ in range(LIMIT + 1)]
     try:
         time.sleep(0.5)  # nginx has read their headers
-        status, body, answer = _request(served.https(), "GET", f"/v2/models/{ENSEMBLE}")
-        assert status == 503 and answer.getheader("Retry-After") == "1"
-        assert f"over {LIMIT} requests in flight" in json.loads(body)["error"]
-        # health probes are not requests in flight: a saturated server stays live and ready
-        assert _request(served.https(), "GET", "/v2/health/ready")[0] == 200
-        assert _request(served.https(), "GET", "/v2/health/live")[0] == 200
-        client = grpc.InferenceServerClient(
-            f"localhost:{served.grpc_port}", ssl=True, root_certificates=str(served.certs.ca_cert)
-        )
-        with pytest.raises(InferenceServerException, match="UNAVAILABLE") as info:
-            client.is_server_ready()
-        assert f"over {LIMIT} requests in flight" in str(info.value)
+        assert _post_over_https(served, image)[0] == 200  # slow bodies hold no place
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.5)
+    # Posts proxied to Triton hold the places: tritonserver stopped (SIGSTOP), they wait there.
+    # (A stopped python stub would not do: the python backend fails requests to it at once.)
+    waiting: list[int] = []
+    with stopped([triton_pid(served.proc.pid)]):
+        posts = [
+            threading.Thread(target=lambda: waiting.append(_post_over_https(served, image)[0]))
+            for _ in range(LIMIT)
+        ]
+        for post in posts:
+            post.start()
+        time.sleep(1.0)  # both proxied and waiting
+        status, body, answer = _post_over_https(served, image)
+        assert status == 503 and answer.getheader("Retry-After") == "1", body
+        assert f"over {LIMIT} requests in flight" in json.loads(body)["error"]
+        client = grpc.InferenceServerClient(
+            f"localhost:{served.grpc_port}", ssl=True, root_certificates=str(served.certs.ca_cert)
+        )
+        inputs = [bytes_input(grpc, IMAGE_INPUT, image), bytes_input(grpc, TEXT_INPUT, b"x")]
+        with pytest.raises(InferenceServerException, match="UNAVAILABLE") as info:
+            client.infer(ENSEMBLE, inputs)
+        assert f"over {LIMIT} requests in flight" in str(info.value)
+    for post in posts:
+        post.join(60)
+    assert waiting == [200] * LIMIT  # the waiting posts were answered once Triton went on
+    # health probes are never counted (no slot): the front's rendered locations say so
+    conf = FrontConfig("127.0.0.1", 1, 2, 3, 4, FrontLimits(1000)).render(
+        Path("/prefix"), error_log="x", modules=_FAKE_MODULES
+    )
+    for probe in ("/v2/health/ready", "/v2/health/live"):
+        block = conf.split(f"location = {probe} {{", 1)[1].split("\n        }", 1)[0]
+        assert "front_guard" not in block and "limit_conn" not in block
     assert _request(served.https(), "GET", "/v2/health/ready")[0] == 200
 
 

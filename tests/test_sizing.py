@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.front import MAX_CONNECTIONS, body_cap
+from deploy.front import MAX_CONNECTIONS, body_cap, front_missing
 from deploy.sizing import (
     MIB,
     SHM_DEFAULT_BYTES,
@@ -177,10 +177,7 @@ def _can_mount() -> bool:
 needs_mount = pytest.mark.skipif(
     not _can_mount(), reason="needs root and unshare to give a server its own small /dev/shm"
 )
-needs_nginx = pytest.mark.skipif(
-    shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
-    reason="nginx is missing (Debian: apt-get install nginx; scripts/setup.sh does as root)",
-)
+needs_nginx = pytest.mark.skipif(front_missing() is not None, reason=str(front_missing()))
 
 
 @needs_mount
