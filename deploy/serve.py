@@ -8,9 +8,12 @@ server down cleanly (exit 0). A start-up failure prints the failed model's error
 
     python deploy/serve.py --model-repository DIR --address 0.0.0.0 --tls-cert CRT --tls-key KEY
 
-serves the same ports through nginx (deploy/front.py): HTTPS and gRPC over TLS, a request-body
-cap from the repository's limits, a limit of requests in flight; tritonserver listens on loopback
-behind it. ``--front``: the same front without TLS. Triton's repository, shared-memory, logging
+serves the same ports through nginx (deploy/front.py): HTTPS and gRPC over TLS, only the public
+model, a request-body cap from the repository's limits, the request checks of front_guard.lua,
+limits of requests in flight and per client; tritonserver listens on loopback behind it.
+``--front``: the same front without TLS. Without either, the address must be loopback unless
+``--no-front`` (docs/security.md). A crashed tritonserver, or one whose python stub died, is
+restarted within a budget (``--max-restarts``; deploy/supervisor.py, docs/reliability.md). Triton's repository, shared-memory, logging
 and trace APIs answer only requests carrying the admin key (``--admin-key``, ``--admin-key-file``,
 else one generated and printed once to stderr). ``-- FLAGS`` passes more flags to tritonserver,
 except those the launcher sets (listed by ``--help``). docs/security.md.
@@ -22,6 +25,7 @@ import argparse
 import importlib.util
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +38,9 @@ if importlib.util.find_spec("deploy") is None:  # `python deploy/serve.py`, proj
     )
 
 from deploy.front import (
+    BODY_DEADLINE_S,
     MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
     SHUTDOWN_TIMEOUT_S,
     FrontConfig,
     FrontError,
@@ -42,7 +48,8 @@ from deploy.front import (
     find_nginx,
     front_limits,
 )
-from deploy.net import client_host, free_port, port_in_use
+from deploy.metrics_endpoint import MetricsEndpoint
+from deploy.net import client_host, free_port, is_loopback, port_in_use
 from deploy.server import (
     ADMIN_KEY_HEADER,
     DEFAULT_CACHE_MB,
@@ -64,6 +71,16 @@ from deploy.server import (
     refused_flags,
 )
 from deploy.sizing import SizingError, plan, read_sizing, shm_total
+from deploy.supervisor import (
+    MAX_RESTARTS,
+    MAX_RESTARTS_ENV,
+    RESTART_WINDOW_S,
+    HealCounters,
+    RestartBudget,
+    StopRequested,
+    Supervisor,
+    max_restarts_from,
+)
 
 PROG = "serve.py"
 
@@ -150,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--response-cache), else none",
     )
     parser.add_argument(
+        "--max-restarts",
+        type=_mebibytes,
+        default=None,
+        metavar="N",
+        help="restarts of a crashed tritonserver or of one with a dead python stub allowed "
+        f"within {RESTART_WINDOW_S / 60:.0f} minutes; then serve.py exits 1 (default: "
+        f"${MAX_RESTARTS_ENV}, else {MAX_RESTARTS}; docs/reliability.md)",
+    )
+    parser.add_argument(
         "--echo-log",
         action="store_true",
         help="also copy tritonserver's log to stderr (in a container: what `logs` shows)",
@@ -179,6 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="N",
         help=f"requests in flight at once through the front; one more gets 503 ({MAX_CONNECTIONS})",
+    )
+    front.add_argument(
+        "--max-connections-per-client",
+        type=_positive,
+        metavar="N",
+        help="requests at once from one client address, counted from their headers; one more "
+        f"gets 429 ({MAX_CONNECTIONS_PER_CLIENT}; behind a proxy that hides client addresses, "
+        "raise it to --max-connections)",
+    )
+    front.add_argument(
+        "--body-deadline",
+        type=_positive,
+        metavar="S",
+        help=f"seconds a whole request body may take to arrive; a slower one is cut with 408 "
+        f"({BODY_DEADLINE_S})",
+    )
+    parser.add_argument(
+        "--no-front",
+        action="store_true",
+        help="serve tritonserver itself on a non-loopback --address: no body cap, no request "
+        "checks, every model public (docs/security.md). Without it, a non-loopback --address "
+        "needs --front or --tls-cert",
     )
     admin = parser.add_argument_group(
         "restricted APIs",
@@ -214,9 +262,19 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
             parser.error(f"TLS file {path} does not exist")
     if not _front_on(args):
         for flag, value in (("--max-body-bytes", args.max_body_bytes),
-                            ("--max-connections", args.max_connections)):  # fmt: skip
+                            ("--max-connections", args.max_connections),
+                            ("--max-connections-per-client", args.max_connections_per_client),
+                            ("--body-deadline", args.body_deadline)):  # fmt: skip
             if value is not None:
                 parser.error(f"{flag} is a limit of the front: add --front or --tls-cert")
+        if not is_loopback(args.address) and not args.no_front:
+            parser.error(
+                f"--address {args.address or repr('')} without the front would expose tritonserver "
+                "itself (no body cap, no request checks, every model public): add --front or "
+                "--tls-cert, or --no-front to do it knowingly (docs/security.md)"
+            )
+    elif args.no_front:
+        parser.error("--no-front contradicts --front / --tls-cert")
     if args.triton_args and "--" not in argv:
         parser.error(f"unrecognized arguments: {' '.join(args.triton_args)} (tritonserver "
                      "flags go after `--`)")  # fmt: skip
@@ -240,13 +298,23 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
         parser.error(str(exc))
 
 
+def _free_port_but(taken: set[int]) -> int:
+    """A free loopback port not in ``taken`` (which it joins)."""
+    while (port := free_port()) in taken:
+        pass
+    taken.add(port)
+    return port
+
+
 def _front_on(args: argparse.Namespace) -> bool:
     return bool(args.front or args.tls_cert is not None)
 
 
-def _ready_line(args: argparse.Namespace, server: EmbeddedServer, front: NginxFront | None) -> str:
+def _ready_line(
+    args: argparse.Namespace, server: EmbeddedServer, front: NginxFront | None, metrics_url: str
+) -> str:
     ready = f"(ready in {server.ready_seconds or 0.0:.1f} s)"
-    metrics = f"metrics http://{server.url_metrics}/metrics"
+    metrics = f"metrics {metrics_url}"
     if front is None:
         return f"{args.model} ready on http://{server.url_http} grpc {server.url_grpc} " + (
             f"{metrics} {ready}"
@@ -256,7 +324,8 @@ def _ready_line(args: argparse.Namespace, server: EmbeddedServer, front: NginxFr
     return (
         f"{args.model} ready on {http}{host}:{cfg.http_port} {grpc}{host}:{cfg.grpc_port} "
         f"{metrics} {ready[:-1]}; front: body cap {cfg.limits.max_body_bytes} bytes, "
-        f"{cfg.limits.max_connections} requests in flight)"
+        f"{cfg.limits.max_connections} requests in flight; every model on loopback: "
+        f"http://{server.url_http} grpc {server.url_grpc})"
     )
 
 
@@ -302,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model_repository,
                 max_body_bytes=args.max_body_bytes or sizing.body_cap,
                 max_connections=shm.in_flight or MAX_CONNECTIONS,
+                max_connections_per_client=args.max_connections_per_client
+                or MAX_CONNECTIONS_PER_CLIENT,
+                body_deadline_s=args.body_deadline or BODY_DEADLINE_S,
             )
         except (OSError, ValueError) as exc:
             _error(f"cannot derive the front's body cap from {args.model_repository} ({exc}); "
@@ -319,24 +391,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         # Triton on loopback-only ports, behind the front (free now; Triton binds them next):
         # two different ones, and neither a public port.
-        upstream = free_port()
-        while (other := free_port()) in (upstream, args.http_port, args.grpc_port):
-            pass
+        # (and the front's loopback status page: its counters)
+        taken = {args.http_port, args.grpc_port, args.metrics_port}
+        upstream, other, status = (_free_port_but(taken) for _ in range(3))
         try:
             front_config = FrontConfig(
                 args.address, args.http_port, args.grpc_port, upstream, other, limits,
-                args.tls_cert, args.tls_key,
+                args.tls_cert, args.tls_key, public_model=args.model, status_port=status,
             )  # fmt: skip
         except ValueError as exc:
             _error(str(exc))
             return 2
+    try:  # the restart budget (deploy/supervisor.py): --max-restarts where the parser has it
+        budget = RestartBudget(max_restarts_from(args.max_restarts))
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    # Triton's metrics on a loopback port of its own: serve.py answers the public metrics port
+    # itself (deploy/metrics_endpoint.py), with Triton's series and its own, across restarts.
+    in_use: set[int | None] = {args.http_port, args.grpc_port, args.metrics_port}
+    if front_config is not None:
+        in_use |= {front_config.upstream_http_port, front_config.upstream_grpc_port,
+                   front_config.status_port}  # fmt: skip
+    while (triton_metrics_port := free_port()) in in_use:
+        pass
     server = EmbeddedServer(
         args.model_repository,
         address=args.address if front_config is None else front_config.upstream_host,
         http_port=args.http_port if front_config is None else front_config.upstream_http_port,
         grpc_port=args.grpc_port if front_config is None else front_config.upstream_grpc_port,
-        metrics_port=args.metrics_port,
-        metrics_address=args.address,
+        metrics_port=triton_metrics_port,
+        metrics_address="127.0.0.1",
         model=args.model,
         log_file=args.log_file,
         timeout=args.timeout,
@@ -346,14 +431,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         admin_key=admin_key,
         extra_args=args.triton_args,
     )
+    counters = HealCounters()
     front = None if front_config is None else NginxFront(front_config, echo_log=args.echo_log)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+
+    def own_series() -> str:
+        """serve.py's series, then the front's refusals and requests in flight."""
+        front_text = front.status_text() if front is not None else None
+        return counters.render() + (front_text or "")
+
+    metrics = MetricsEndpoint(
+        args.address, args.metrics_port, f"http://{server.url_metrics}/metrics", own_series
+    )
+    try:
+        metrics.bind()  # taken now, answering once the server is ready (as Triton's was)
+    except OSError:
+        _error(f"port {args.metrics_port} on {args.address or '0.0.0.0'} is already in use; "
+               "choose other ports")  # fmt: skip
+        return 1
+    supervisor: Supervisor | None = None
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop_requested.set()  # the supervisor's own check, where _Shutdown is lost (a __del__)
+        _on_signal(signum, frame)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         try:
             server.start()
             if front is not None:
                 front.start()
+            metrics.start()
         except (ServerStartError, TritonNotFoundError, RepositoryError, FrontError, OSError) as exc:
             _error(exc.summary() if isinstance(exc, ServerStartError) else str(exc))
             return 1
@@ -366,27 +475,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        print(_ready_line(args, server, front), flush=True)
-        while (returncode := server.poll()) is None:
-            if front is not None and (front_code := front.poll()) is not None:
-                front.stop(keep=True)
-                _error(f"nginx (the front) exited unexpectedly with code {front_code}: "
-                       f"{front.log_tail(5)}")  # fmt: skip
-                return 1
-            time.sleep(0.5)
-        server.stop(keep_log=True)
-        _error(f"tritonserver exited unexpectedly with code {returncode} (log: {server.log_file})")
-        return 1
-    except _Shutdown:
+        metrics_url = f"http://{client_host(args.address)}:{metrics.port}/metrics"
+        print(_ready_line(args, server, front, metrics_url), flush=True)
+        # Serve until a signal: a crashed tritonserver or a dead python stub is restarted (within
+        # the budget; exit 1 once spent), a dead front ends the run (exit 1).
+        supervisor = Supervisor(
+            server, front, counters, budget, stop_requested=stop_requested.is_set
+        )
+        return supervisor.run()
+    except (_Shutdown, StopRequested):
         # One stop deadline (STOP_TIMEOUT) for both: the front first (no new requests, those in
         # flight finish within SHUTDOWN_TIMEOUT_S), then tritonserver, with nothing left in
         # flight, in the rest of the time.
         deadline = time.monotonic() + STOP_TIMEOUT
+        # A server stopped while serve.py heals it had its failure reported already.
+        healing = supervisor is not None and supervisor.healing
         if front is not None:
             front.stop(grace=SHUTDOWN_TIMEOUT_S + 2)
         returncode = server.stop(grace=max(5.0, deadline - time.monotonic()))
         # -SIGTERM: stopped while still loading models (before Triton handles signals).
-        if returncode not in (0, -signal.SIGTERM, None):
+        if not healing and returncode not in (0, -signal.SIGTERM, None):
             _error(f"tritonserver stopped with code {returncode} (log: {server.log_file})")
             return 1
         return 0
@@ -394,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if front is not None:
             front.stop()
         server.stop()
+        metrics.stop()
 
 
 if __name__ == "__main__":

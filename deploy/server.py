@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -36,11 +37,12 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 # The names below moved out of this module; `X as X`: also re-exported (like those of __all__).
+from deploy.front import PUBLIC_MODEL
 from deploy.net import client_host, free_port, http_request, port_in_use
 from deploy.repository_check import EXPORT_REPORT as EXPORT_REPORT
 from deploy.repository_check import SUPPORTED_BACKENDS as SUPPORTED_BACKENDS
@@ -101,7 +103,7 @@ __all__ = [
     "stub_environment",
 ]
 
-DEFAULT_MODEL = "crisis_classifier"
+DEFAULT_MODEL = PUBLIC_MODEL  # the ensemble: the one model the front serves (deploy/front.py)
 # The serving contract, declared once. deploy/serve.py and EmbeddedServer use these; the container
 # image, compose file and Kubernetes manifests (deploy/) repeat them; tests check that they agree.
 HTTP_PORT = 8000
@@ -344,6 +346,32 @@ def exit_timeout_secs(stop_timeout: float = STOP_TIMEOUT) -> int:
     return max(1, int(stop_timeout) - 5)
 
 
+# The stack limit tritonserver starts with (its threads' stacks take the same size): Triton
+# parses a JSON request recursively, and measured on 2.51 (docs/security.md) a body nesting
+# 30,000-35,000 levels exhausted the default 8 MiB stack (SIGSEGV: the whole server gone), 200,000-
+# 300,000 levels a 64 MiB one. The front refuses any nesting beyond 32 levels before Triton parses
+# (deploy/front_guard.lua); this is the second line, for a server reached without the front. Stack
+# is virtual memory: only the pages a thread touches are resident.
+SERVER_STACK_BYTES = 64 * 2**20
+
+
+@contextlib.contextmanager
+def _stack_limit_for_children() -> Iterator[None]:
+    """This process's soft stack limit raised to SERVER_STACK_BYTES (never above the hard limit,
+    never lowered) while a child is started, which inherits it: no preexec_fn, which Python
+    documents as unsafe in a process with threads (serve.py has them)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    wanted = SERVER_STACK_BYTES if hard == resource.RLIM_INFINITY else min(hard, SERVER_STACK_BYTES)
+    raise_it = soft != resource.RLIM_INFINITY and soft < wanted
+    if raise_it:
+        resource.setrlimit(resource.RLIMIT_STACK, (wanted, hard))
+    try:
+        yield
+    finally:
+        if raise_it:
+            resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
+
+
 _RUNNING: weakref.WeakSet[EmbeddedServer] = weakref.WeakSet()
 
 
@@ -365,7 +393,10 @@ class EmbeddedServer:
             keeps HTTP and gRPC on loopback and metrics on the public address.
         model: the model whose readiness ``start()`` waits for (None: server readiness only).
         log_file: where tritonserver's stdout and stderr go; None: a temporary file, removed
-            after a clean stop and kept (its path in the error) after a failure.
+            after a clean stop and kept (its path in the error) after a failure. A server
+            started again after ``stop()`` (serve.py's supervisor restarting a crashed one)
+            appends to a given ``log_file``, so the crashed run's lines stay; a temporary log is
+            a new file per run.
         extra_args: more tritonserver arguments, appended last; REFUSED_FLAGS are refused
             (ValueError), see :func:`check_extra_args`.
         timeout: seconds ``start()`` waits for readiness.
@@ -433,6 +464,8 @@ class EmbeddedServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Path | None = None
         self._log_is_temp = False
+        self._log_offset = 0  # where the current run's part of the log starts
+        self._runs = 0  # launches so far: a given log file is truncated by the first one only
         self._tmp_backend: Path | None = None
         self._command: list[str] = []
         self._launched_at: float | None = None
@@ -605,15 +638,24 @@ class EmbeddedServer:
         self._command = self._build_command(binary, backends)
         env = stub_environment()
         env.update(self._env)
-        with self._log_file.open("wb") as log:
-            self._proc = subprocess.Popen(
-                self._command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if self.echo_log else log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # own process group: Ctrl-C goes to us, we stop it
-            )
+        # The first run starts the given log afresh; a restart appends (after a marker line), and
+        # the readiness checks and start errors read only this run's part.
+        append = self._runs > 0 and not self._log_is_temp
+        with self._log_file.open("ab" if append else "wb") as log:
+            if append:
+                log.write(f"--- tritonserver started again (run {self._runs + 1}) ---\n".encode())
+                log.flush()
+            self._log_offset = log.tell()
+            self._runs += 1
+            with _stack_limit_for_children():
+                self._proc = subprocess.Popen(
+                    self._command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE if self.echo_log else log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # own process group: Ctrl-C goes to us, we stop it
+                )
         if self.echo_log:
             assert self._proc.stdout is not None
             self._tee_thread = threading.Thread(
@@ -638,10 +680,13 @@ class EmbeddedServer:
             self._log_file, self._log_is_temp = Path(name), True
 
     def _read_log(self) -> str:
+        """The current run's part of the log (a restart appends to a given log file)."""
         if self._log_file is None:
             return ""
         try:
-            return self._log_file.read_text(encoding="utf-8", errors="replace")
+            with self._log_file.open("rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
 

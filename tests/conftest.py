@@ -39,6 +39,17 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_batch_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny export with max_batch_size 4, for servers behind the front: serve.py sizes
+    /dev/shm by deploy/sizing.py's rule and refuses to start where not one request fits beside
+    the pools; at max_batch_size 32 the tiny repository needs 69 MiB, more than the 64 MiB
+    /dev/shm of a default container (the clean-container CI run), at 4 it needs 34."""
+    out = tmp_path_factory.mktemp("small_batch_repo")
+    assert run_export(*TINY_EXPORT_ARGS, "--max-batch-size", "4", "--out", str(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def reference():
     """The very PyTorch modules tiny_repo was exported from, and the preprocessing: a function
     (image bytes, text, caption) -> {task: probabilities} computed in process."""

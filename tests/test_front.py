@@ -39,7 +39,7 @@ from deploy.net import free_port
 from deploy.server import ADMIN_KEY_HEADER, EmbeddedServer, admin_metadata
 from export.names import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
 from export.repository import read_preprocess_spec
-from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
+from tests.conftest import ROOT
 from tests.tls_certs import Certificates, make_certificates, openssl_missing
 
 KEY = "front-test-admin-key-0123"
@@ -203,16 +203,11 @@ def _stats(conn: http.client.HTTPConnection) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def front_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny export with max_batch_size 4: serve.py sizes /dev/shm by deploy/sizing.py's rule
-    and refuses to start where not one request fits beside the pools; at max_batch_size 32 the
-    tiny repository needs 69 MiB, more than the 64 MiB /dev/shm of a default container (the
-    clean-container CI run), at 4 it needs 34."""
+def front_repo(small_batch_repo: Path) -> Path:
+    """The tiny export with max_batch_size 4 (tests/conftest.py: /dev/shm of a container)."""
     if _skip_reason() is not None:
         pytest.skip(str(_skip_reason()))
-    out = tmp_path_factory.mktemp("front_repo")
-    assert run_export(*TINY_EXPORT_ARGS, "--max-batch-size", "4", "--out", str(out)) == 0
-    return out
+    return small_batch_repo
 
 
 @pytest.fixture(scope="module")
