@@ -48,8 +48,8 @@ if importlib.util.find_spec("deploy") is None:  # run from a checkout, project n
         f"({sys.executable}): run `pip install -e '.[export,server]'` in the repository root"
     )
 
-from deploy.container_runtime import NoContainers, Runtime, detect
-from deploy.server import (
+from crisis_triton.serving.container_runtime import NoContainers, Runtime, detect
+from crisis_triton.serving.server import (
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PATH,
@@ -158,7 +158,7 @@ def raw_probabilities(url: str, tasks: Sequence[str]) -> dict[str, list[float]]:
     6 decimals of Triton's classification extension)."""
     import tritonclient.http as http
 
-    from client.triton_client import raw_probabilities as infer
+    from crisis_triton.client.triton_client import raw_probabilities as infer
 
     got = infer(http, url, IMAGE_FILE.read_bytes(), TEXT, None, tasks)
     return {task: probs.tolist() for task, probs in got.items()}
@@ -239,8 +239,8 @@ def over_cap_status(url: str, cap: int) -> int | None:
 
 def burst_checks(runtime: Runtime, name: str, url: str, models: Path) -> dict[str, Any]:
     """The burst of large posts beside small ones, /dev/shm after it, readiness, the body cap."""
-    from benchmarks.burst import run_burst
-    from deploy.sizing import read_sizing
+    from crisis_triton.bench.burst import run_burst
+    from crisis_triton.serving.sizing import read_sizing
 
     sizing = read_sizing(models)
     assert sizing.max_image_bytes is not None
@@ -261,8 +261,8 @@ def burst_checks(runtime: Runtime, name: str, url: str, models: Path) -> dict[st
 def small_shm_burst(runtime: Runtime, models: Path, name: str) -> dict[str, Any]:
     """The same burst against the image in a /dev/shm of SMALL_SHM_SIZE: serve.py lowers the
     front's requests in flight (and says so), the rest get 503, which the client retries."""
-    from benchmarks.burst import run_burst
-    from deploy.sizing import read_sizing
+    from crisis_triton.bench.burst import run_burst
+    from crisis_triton.serving.sizing import read_sizing
 
     sizing = read_sizing(models)
     assert sizing.max_image_bytes is not None

@@ -25,10 +25,10 @@ if importlib.util.find_spec("export") is None:  # run from a checkout, project n
 import numpy as np
 import torch
 
-from export.encoders import hf_encoders
-from export.head import build_multitask_head, random_head
-from export.sample_inputs import fixed_inputs
-from export.spec import DEFAULT_TASKS, build_specs
+from crisis_triton.contract.sample_inputs import fixed_inputs
+from crisis_triton.contract.spec import DEFAULT_TASKS, build_specs
+from crisis_triton.models.encoders import hf_encoders
+from crisis_triton.models.head import build_multitask_head, random_head
 
 
 def timed(fn, reps: int) -> list[float]:

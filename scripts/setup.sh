@@ -21,8 +21,8 @@ if [ ! -e "$LIBDIR/libpython$PYV.so.1.0" ] && ! ldconfig -p 2>/dev/null | grep -
     echo "         Install it (Debian/Ubuntu: sudo apt-get install libpython$PYV)." >&2
   fi
 fi
-# The front (deploy/front.py) runs Debian's nginx with its Lua module and lua-cjson (the request
-# checks of deploy/front_guard.lua); the monitoring test runs Debian's prometheus (with promtool).
+# The front (crisis_triton/serving/front.py) runs Debian's nginx with its Lua module and lua-cjson (the request
+# checks of crisis_triton/serving/front_guard.lua); the monitoring test runs Debian's prometheus (with promtool).
 # Install them where we can (root with apt); without them those tests skip and say why.
 if ! { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || ! command -v promtool >/dev/null \
    || [ ! -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || ! ls /usr/lib/*/lua/5.1/cjson.so >/dev/null 2>&1; then

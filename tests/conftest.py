@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_export(*args: str) -> int:
-    from export.export import main
+    from crisis_triton.export.command import main
 
     return main(list(args))
 
@@ -56,9 +56,9 @@ def reference():
     import numpy as np
     import torch
 
-    from export.export import build_parser, load_models
-    from export.head import build_multitask_head
-    from export.preprocess import Preprocessor, PreprocessSpec
+    from crisis_triton.export.command import build_parser, load_models
+    from crisis_triton.models.head import build_multitask_head
+    from crisis_triton.preprocess.posts import Preprocessor, PreprocessSpec
 
     args = build_parser().parse_args([*TINY_EXPORT_ARGS, "--out", "unused"])
     enc, heads, _ = load_models(args)

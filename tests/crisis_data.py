@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.names import LABELS
+from crisis_triton.contract.names import LABELS
 
 RESEARCH_COLUMNS_12 = (
     "event_name", "tweet_id", "image_id", "tweet_text", "image", "label", "label_text",
@@ -166,7 +166,7 @@ TINY_ENCODER_ARGS = ("--random-weights", "--size", "tiny", "--seed", "3")
 
 def cache_dataset(data: Dataset, out: Path, *extra: str) -> Path:
     """cache_features.py over `data` with the tiny random encoders; -> the cache folder."""
-    from train.cache_features import main
+    from crisis_triton.train.cache_features import main
 
     code = main([*data.split_args(), "--image-root", str(data.image_root), "--out", str(out),
                  *TINY_ENCODER_ARGS, *extra])  # fmt: skip
@@ -185,7 +185,7 @@ def trained_head(
     """A head file trained on a fresh data set (tiny random encoders, a few seconds for the
     paper's heads): export it with TINY_ENCODER_ARGS + ``--head HEAD --head-weights TASK=FILE``.
     `extra`: more train_head.py options (e.g. "--modality-dropout", "0.3")."""
-    from train.train_head import main
+    from crisis_triton.train.train_head import main
 
     folder = Path(folder)
     data = make_dataset(folder / "data", task, n)

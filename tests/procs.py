@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from deploy.supervisor import stubs_of
+from crisis_triton.serving.supervisor import stubs_of
 
 
 def triton_pid(parent: int, timeout: float = 10.0) -> int:

@@ -1,4 +1,5 @@
-"""Atomic exports (export/publish.py): an export killed with SIGKILL at any point leaves an existing
+"""Atomic exports (crisis_triton/repository/publish.py): an export killed with SIGKILL at any point
+leaves an existing
 repository byte for byte as it was and creates no repository at a new --out; a passing export
 replaces the old repository whole."""
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.server import check_repository
-from export.publish import publish, staging_dir
+from crisis_triton.repository.publish import publish, staging_dir
+from crisis_triton.serving.server import check_repository
 from tests.conftest import ROOT, TINY_EXPORT_ARGS
 
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from client.triton_client import bytes_input
-from deploy.front import front_missing
-from deploy.net import free_port
-from export.names import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
+from crisis_triton.client.triton_client import bytes_input
+from crisis_triton.contract.names import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
+from crisis_triton.serving.front import front_missing
+from crisis_triton.serving.net import free_port
 from tests.conftest import ROOT
 from tests.procs import rss_bytes, triton_pid
 

@@ -115,7 +115,7 @@ def test_sweep_picks_a_configuration_within_the_budget_and_applies_it(
 ) -> None:
     import shutil
 
-    from benchmarks.repos import read_deployment
+    from crisis_triton.bench.repos import read_deployment
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)

@@ -17,18 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import cache_stream, loadgen, workload
-from deploy.serve import build_parser as serve_parser
-from deploy.server import (
-    CACHE_IMPLEMENTATION,
-    DEFAULT_CACHE_MB,
-    EmbeddedServer,
-    free_port,
-    response_cache_models,
-)
-from deploy.tritonserver_install import TritonNotFoundError, find_cache_dir
-from export.repository import DEPLOYMENT_JSON, read_deployment_json, write_configs
-from export.spec import (
+from crisis_triton.bench import cache_stream, loadgen, workload
+from crisis_triton.contract.spec import (
     ENSEMBLE,
     HEAD,
     IMAGE_ENCODER,
@@ -39,7 +29,17 @@ from export.spec import (
     build_specs,
     load_encoder_config,
 )
-from export.triton_config import Deployment, all_configs, cached_models, to_pbtxt
+from crisis_triton.repository.config import Deployment, all_configs, cached_models, to_pbtxt
+from crisis_triton.repository.writer import DEPLOYMENT_JSON, read_deployment_json, write_configs
+from crisis_triton.serving.serve import build_parser as serve_parser
+from crisis_triton.serving.server import (
+    CACHE_IMPLEMENTATION,
+    DEFAULT_CACHE_MB,
+    EmbeddedServer,
+    free_port,
+    response_cache_models,
+)
+from crisis_triton.serving.tritonserver_install import TritonNotFoundError, find_cache_dir
 from tests.conftest import TINY_EXPORT_ARGS, run_export
 
 SPECS = build_specs(load_encoder_config("hf-clip-tiny"))
@@ -77,7 +77,7 @@ def test_deployment_json_carries_the_setting(tmp_path: Path) -> None:
 
 
 def test_export_flag_is_off_by_default_and_can_be_negated() -> None:
-    from export.export import build_parser
+    from crisis_triton.export.command import build_parser
 
     base = ["--random-weights", "--out", "unused"]
     assert build_parser().parse_args(base).response_cache is False
@@ -131,12 +131,12 @@ def test_cache_for_a_repository_without_one(tmp_path: Path) -> None:
 def test_a_wheel_without_the_cache_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The repository asked for the cache: a warning and no cache flags; --cache-mb asked for
     it: the error, naming the missing library."""
-    import deploy.server
+    import crisis_triton.serving.server
 
     def missing(cache: str = "local") -> Path:
         raise TritonNotFoundError(f"libtritoncache_{cache}.so is missing")
 
-    monkeypatch.setattr(deploy.server, "find_cache_dir", missing)
+    monkeypatch.setattr(crisis_triton.serving.server, "find_cache_dir", missing)
     repo = _configs_repo(tmp_path, cache=True)
     server = EmbeddedServer(repo)
     assert server.cache_args() == []
@@ -191,7 +191,7 @@ def servers(cache_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     `uncached`: the same export without the cache in its configs (a clone whose configs are
     rewritten by write_configs, the model files linked), served as such: no cache. Started and
     stopped side by side."""
-    from benchmarks import repos
+    from crisis_triton.bench import repos
 
     logs = tmp_path_factory.mktemp("cache_logs")
     plain = repos.clone(cache_repo, tmp_path_factory.mktemp("plain") / "repo")
@@ -226,7 +226,7 @@ def _photo(seed: int) -> bytes:
 def _infer(server: EmbeddedServer, photo: bytes, text: str) -> dict[str, np.ndarray]:
     import tritonclient.http as http
 
-    from client.triton_client import bytes_input
+    from crisis_triton.client.triton_client import bytes_input
 
     client = http.InferenceServerClient(server.url_http)
     try:
@@ -337,7 +337,7 @@ def test_a_post_asked_for_fewer_outputs_first_still_gets_every_output(servers: A
     tritonserver 2.51, a cached ensemble answered with the first request's single output)."""
     import tritonclient.http as http
 
-    from client.triton_client import bytes_input
+    from crisis_triton.client.triton_client import bytes_input
 
     photo, text = _photo(303), "roads flooded near the river"
     client = http.InferenceServerClient(servers.cached.url_http)
@@ -356,7 +356,8 @@ def test_a_post_asked_for_fewer_outputs_first_still_gets_every_output(servers: A
 
 
 def test_cache_stream_counts_the_repeats(servers: Any) -> None:
-    """The benchmark's stream (benchmarks/cache_stream.py) on the cached server: every repeated
+    """The benchmark's stream (crisis_triton/bench/cache_stream.py) on the cached server: every
+    repeated
     photo is an image-encoder hit in Triton's metrics, no text is."""
     posts = workload.make_stream(12, 0.5, seed=7, gap=2)
     row = cache_stream.measure(

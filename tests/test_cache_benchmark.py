@@ -1,4 +1,5 @@
-"""crisis-benchmark --cache-repeat (benchmarks/cache_stream.py, docs/cache.md) end to end on the
+"""crisis-benchmark --cache-repeat (crisis_triton/bench/cache_stream.py, docs/cache.md) end to end
+on the
 tiny repository. The served behaviour of the cache itself is tested in tests/test_cache.py."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from export.spec import IMAGE_ENCODER
+from crisis_triton.contract.spec import IMAGE_ENCODER
 from tests.conftest import ROOT
 
 

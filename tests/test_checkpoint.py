@@ -12,9 +12,13 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from export.checkpoint import CheckpointError, read_state_dict, save_research_checkpoint
-from export.head import random_head
-from export.spec import load_encoder_config
+from crisis_triton.contract.spec import load_encoder_config
+from crisis_triton.models.checkpoint import (
+    CheckpointError,
+    read_state_dict,
+    save_research_checkpoint,
+)
+from crisis_triton.models.head import random_head
 from tests.conftest import run_export
 
 TINY = load_encoder_config("hf-clip-tiny")

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from client import classify as cli
-from client.triton_client import (
+from crisis_triton.client import classify as cli
+from crisis_triton.client.triton_client import (
     DEFAULT_RETRIES,
     ClientError,
     CrisisClient,
@@ -39,7 +39,7 @@ from client.triton_client import (
     prediction_from_classification,
     strip_triton_prefix,
 )
-from export.spec import (
+from crisis_triton.contract.spec import (
     CAPTION_INPUT,
     ENSEMBLE,
     IMAGE_INPUT,
@@ -655,8 +655,8 @@ def test_batch_survives_kill_9(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             import time
-            from client import classify as cli
-            from client.triton_client import prediction_from_classification
+            from crisis_triton.client import classify as cli
+            from crisis_triton.client.triton_client import prediction_from_classification
 
             def classify(image, text, caption):
                 time.sleep(0.05)

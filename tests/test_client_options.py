@@ -1,7 +1,8 @@
 """Client options (docs/client.md, "Client options") against the real embedded tritonserver:
 
 - `-H/--header` goes with every call the client makes (a front in the test records them, HTTP
-  and gRPC) and opens Triton's restricted APIs (the operator key of deploy/server.py);
+  and gRPC) and opens Triton's restricted APIs (the operator key of
+  crisis_triton/serving/server.py);
 - `--model-version N` reaches version N (an ensemble with versions 1 and 2 served at once: Triton's
   per-version statistics show which one answered);
 - `https://` / `grpcs://` with `--root-certs`, and mutual TLS with `--client-cert/--client-key`,
@@ -34,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from client import classify as cli
-from client.triton_client import (
+from crisis_triton.client import classify as cli
+from crisis_triton.client.triton_client import (
     DEFAULT_RETRIES,
     AccessDeniedError,
     CertificateError,
@@ -48,8 +49,13 @@ from client.triton_client import (
     plain_answer,
     shown_headers,
 )
-from deploy.server import ADMIN_KEY_HEADER, GRPC_RESTRICTED_PREFIX, EmbeddedServer, free_port
-from export.names import ENSEMBLE
+from crisis_triton.contract.names import ENSEMBLE
+from crisis_triton.serving.server import (
+    ADMIN_KEY_HEADER,
+    GRPC_RESTRICTED_PREFIX,
+    EmbeddedServer,
+    free_port,
+)
 from tests.conftest import ROOT, TEST_STOP_TIMEOUT, TINY_TASKS
 from tests.tls_certs import make_certificates, openssl_missing
 

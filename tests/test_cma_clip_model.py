@@ -1,19 +1,19 @@
-"""The cma_clip head and the encoders' token sequences (export/cma_clip.py, export/encoders.py)."""
+"""The cma_clip head and the encoders' token sequences (models/cma_clip.py, models/encoders.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from export.cma_clip import (
+from crisis_triton.contract.spec import LABELS
+from crisis_triton.models.cma_clip import (
     CMAClipConfig,
     CMAClipHead,
     build_multitask_cma_clip,
     random_cma_clip_head,
 )
-from export.encoders import DEFAULT_ENCODERS, EncoderLoadError, Encoders, hf_encoders
-from export.preprocess import PreprocessSpec, TextPreprocessor
-from export.spec import LABELS
+from crisis_triton.models.encoders import DEFAULT_ENCODERS, EncoderLoadError, Encoders, hf_encoders
+from crisis_triton.preprocess.posts import PreprocessSpec, TextPreprocessor
 
 TEXTS = ["flood water in the streets", "", "a photo of a cat " * 30, "RT donate now #help"]
 

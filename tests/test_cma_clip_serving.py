@@ -25,15 +25,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.triton_client import raw_outputs
-from deploy.server import EmbeddedServer, free_port
-from export.names import (
+from crisis_triton.client.triton_client import raw_outputs
+from crisis_triton.contract.names import (
     IMAGE_INPUT,
     MODALITIES_USED,
     TEXT_INPUT,
     modality_weights_name,
     probs_name,
 )
+from crisis_triton.serving.server import EmbeddedServer, free_port
 from tests.conftest import ROOT, TEST_STOP_TIMEOUT, TINY_EXPORT_ARGS, run_export
 
 TASKS = ("task1", "task2", "task3")
@@ -88,9 +88,9 @@ def cma_reference() -> Reference:
     sequences into every task's CMAClipHead, image_present 0 (zero pixels) without an image."""
     import torch
 
-    from export.export import build_parser
-    from export.preprocess import Preprocessor, PreprocessSpec
-    from export.weights import WeightsSource, load_weights
+    from crisis_triton.export.command import build_parser
+    from crisis_triton.models.weights import WeightsSource, load_weights
+    from crisis_triton.preprocess.posts import Preprocessor, PreprocessSpec
 
     loaded = load_weights(
         WeightsSource.from_args(build_parser().parse_args([*CMA_ARGS, "--out", "x"]))
@@ -277,7 +277,7 @@ def test_ensemble_takes_image_as_optional(cma_repo: Path, tiny_repo: Path) -> No
     """Every input is optional for Triton (with one optional input, Triton 2.51 no longer refuses
     a request without a required one: the ensemble would stall), and the preprocess model
     refuses a post without text itself (tests/test_reliability.py, case missing_text)."""
-    from export.triton_config import parse_pbtxt
+    from crisis_triton.repository.config import parse_pbtxt
 
     for repo in (cma_repo, tiny_repo):
         config = parse_pbtxt((repo / "crisis_classifier" / "config.pbtxt").read_text())
@@ -292,7 +292,7 @@ def test_preprocess_json_cannot_turn_text_only_on_for_a_head_that_cannot_mask(
     dropout) fails the model's load with the reason, instead of answering from zero pixels."""
     import shutil
 
-    from deploy.server import ServerStartError
+    from crisis_triton.serving.server import ServerStartError
 
     repo = Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
     path = repo / "preprocess" / "1" / "preprocess.json"
@@ -305,7 +305,7 @@ def test_preprocess_json_cannot_turn_text_only_on_for_a_head_that_cannot_mask(
 def test_benchmark_measures_cma_clip_beside_the_papers_head(cma_repo: Path) -> None:
     """benchmark.py --cma-clip: its own cached export (the paper's head's cache keys unchanged),
     rows that stand apart, and a repository read back with its head."""
-    from benchmarks import report, repos
+    from crisis_triton.bench import report, repos
 
     paper = repos.ModelChoice("tiny", TASKS)
     cma = repos.ModelChoice("tiny", TASKS, head="cma_clip")
@@ -324,8 +324,8 @@ def test_benchmark_measures_cma_clip_beside_the_papers_head(cma_repo: Path) -> N
 def test_configs_of_every_head_wire_up(head: str, text_only: bool, backend: str) -> None:
     """Every head's configs, in the python flavour and the stock onnxruntime one: the ensemble's
     wiring has no problem, image_present goes to the head exactly when it masks the image."""
-    from export.spec import build_specs, load_encoder_config
-    from export.triton_config import Deployment, all_configs, check_ensemble_wiring
+    from crisis_triton.contract.spec import build_specs, load_encoder_config
+    from crisis_triton.repository.config import Deployment, all_configs, check_ensemble_wiring
 
     specs = build_specs(load_encoder_config("hf-clip-vit-base-patch32"), TASKS, head, text_only)
     configs = all_configs(specs, Deployment(backend=backend))

@@ -20,14 +20,17 @@ from tests.conftest import ROOT
 
 # console script -> (module:function, the old form that still works)
 COMMANDS = {
-    "crisis-export": ("export.export:main", "export/export.py"),
-    "crisis-serve": ("deploy.serve:main", "deploy/serve.py"),
-    "crisis-classify": ("client.classify:main", "client/classify.py"),
-    "crisis-benchmark": ("benchmarks.benchmark:main", "benchmarks/benchmark.py"),
-    "crisis-load": ("benchmarks.load:main", "benchmarks/load.py"),
-    "crisis-build-engines": ("export.build_engines:main", "export/build_engines.py"),
-    "crisis-cache-features": ("train.cache_features:main", "train/cache_features.py"),
-    "crisis-train-head": ("train.train_head:main", "train/train_head.py"),
+    "crisis-export": ("crisis_triton.export.command:main", "export/export.py"),
+    "crisis-serve": ("crisis_triton.serving.serve:main", "deploy/serve.py"),
+    "crisis-classify": ("crisis_triton.client.classify:main", "client/classify.py"),
+    "crisis-benchmark": ("crisis_triton.bench.benchmark:main", "benchmarks/benchmark.py"),
+    "crisis-load": ("crisis_triton.bench.load:main", "benchmarks/load.py"),
+    "crisis-build-engines": (
+        "crisis_triton.tensorrt.build_engines:main",
+        "export/build_engines.py",
+    ),
+    "crisis-cache-features": ("crisis_triton.train.cache_features:main", "train/cache_features.py"),
+    "crisis-train-head": ("crisis_triton.train.train_head:main", "train/train_head.py"),
 }
 OLD_FORMS = [old for _, old in COMMANDS.values()] + [
     "scripts/container_check.py",

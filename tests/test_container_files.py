@@ -1,4 +1,5 @@
-"""deploy/Dockerfile and deploy/compose.yaml say what deploy/server.py does: ports, probe path,
+"""deploy/Dockerfile and deploy/compose.yaml say what crisis_triton/serving/server.py does: ports,
+probe path,
 serving flags, drain deadline; hadolint finds nothing; the images install what the python models
 import. (The built image itself: tests/test_container.py.)"""
 
@@ -13,9 +14,9 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from deploy.front import MAX_CONNECTIONS
-from deploy.serve import build_parser
-from deploy.server import (
+from crisis_triton.repository.writer import REQUIREMENTS
+from crisis_triton.serving.serve import build_parser
+from crisis_triton.serving.server import (
     GRPC_PORT,
     HTTP_PORT,
     METRICS_PATH,
@@ -25,8 +26,13 @@ from deploy.server import (
     STOP_TIMEOUT,
     exit_timeout_secs,
 )
-from deploy.sizing import container_shm, parse_size, python_backend_args, read_sizing
-from export.repository import REQUIREMENTS
+from crisis_triton.serving.sizing import (
+    MAX_CONNECTIONS,
+    container_shm,
+    parse_size,
+    python_backend_args,
+    read_sizing,
+)
 from scripts.container_check import MONITORING_DIR, SHM_SIZE
 from tests.conftest import ROOT
 from tests.deploy_files import DEPLOY, DOCKERFILE, dockerfile_args, dockerfile_stages, flags, tool
@@ -71,12 +77,14 @@ def test_gpu_entrypoint_checks_engines_then_execs_the_command() -> None:
     entry = STAGES["gpu"].exec_form("ENTRYPOINT")
     assert entry[0] == "/opt/nvidia/nvidia_entrypoint.sh"
     assert entry[1:] == ["python3", "/opt/crisis-triton/deploy/engine_check.py", "--"]
-    assert "deploy/engine_check.py /opt/crisis-triton/deploy/engine_check.py" in STAGES["gpu"].all(
-        "COPY"
+    assert (
+        "crisis_triton/serving/engine_check.py /opt/crisis-triton/deploy/engine_check.py"
+        in STAGES["gpu"].all("COPY")
     )
-    assert "export/engine_facts.py /opt/crisis-triton/deploy/crisis_engine_facts.py" in STAGES[
-        "gpu"
-    ].all("COPY")
+    assert (
+        "crisis_triton/contract/engine_facts.py /opt/crisis-triton/deploy/crisis_engine_facts.py"
+        in STAGES["gpu"].all("COPY")
+    )
 
 
 def test_engine_check_runs_as_copied_into_the_image(tmp_path) -> None:
@@ -93,7 +101,7 @@ def test_engine_check_runs_as_copied_into_the_image(tmp_path) -> None:
 
     folder = tmp_path / "deploy"
     folder.mkdir()
-    shutil.copy(ROOT / "deploy" / "engine_check.py", folder / "engine_check.py")
+    shutil.copy(ROOT / "crisis_triton" / "serving" / "engine_check.py", folder / "engine_check.py")
     shutil.copy(ROOT / "export" / "engine_facts.py", folder / "crisis_engine_facts.py")
     run = subprocess.run(
         [sys.executable, "-S", str(folder / "engine_check.py"), "--model-repository", str(repo)],
@@ -128,11 +136,15 @@ def test_cpu_command_is_serve_py_on_all_interfaces() -> None:
         GRPC_PORT,
         METRICS_PORT,
     )
-    # every file the image copies from deploy/ exists, and the launcher's imports are among them
+    # every file the image copies exists, and the launcher's imports are among them: the serving
+    # room imports nothing else of the project (tests/test_layout.py checks the rooms)
+    copied = []
     for args_line in STAGES["cpu"].all("COPY"):
         for source in args_line.split()[:-1]:
-            if source.startswith("deploy/"):
+            if source.startswith(("deploy/", "crisis_triton/")):
                 assert (ROOT / source).exists(), source
+                copied.append(source)
+    assert "crisis_triton/serving/" in copied and "deploy/serve.py" in copied
 
 
 def test_the_proxy_ca_is_a_build_secret_only() -> None:
@@ -169,7 +181,9 @@ def test_images_install_what_the_python_models_import() -> None:
             assert models[name].specifier.contains(spec.version), (name, spec.version)
     assert gpu["pillow"].specifier == cpu["pillow"].specifier
     assert gpu["tokenizers"].specifier == cpu["tokenizers"].specifier
-    assert "grpc" in cpu["tritonclient"].extras  # deploy/server.py imports tritonclient.grpc
+    assert (
+        "grpc" in cpu["tritonclient"].extras
+    )  # crisis_triton/serving/server.py imports tritonclient.grpc
 
 
 # ------------------------------------------------------------------------------------ compose

@@ -1,4 +1,5 @@
-"""export/cpus.py: the CPU count that sizes the python flavour's ONNX Runtime threads (and the
+"""crisis_triton/runtime/cpus.py: the CPU count that sizes the python flavour's ONNX Runtime
+threads (and the
 benchmarks' in-process reference): the affinity mask, capped by a cgroup v2 or v1 CPU quota."""
 
 import os
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from export.cpus import usable_cpus
+from crisis_triton.runtime.cpus import usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -51,7 +52,7 @@ def test_unreadable_quota_falls_back_to_the_affinity_mask(tmp_path: Path) -> Non
 
 
 def test_cpuinfo_reads_the_first_processor_block(tmp_path) -> None:
-    from export.cpus import cpu_class, cpu_flags, cpu_model, cpuinfo
+    from crisis_triton.runtime.cpus import cpu_class, cpu_flags, cpu_model, cpuinfo
 
     info = tmp_path / "cpuinfo"
     info.write_text(

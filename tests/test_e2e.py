@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.triton_client import bytes_input, raw_probabilities
-from deploy.server import EmbeddedServer, free_port
-from export.spec import ENSEMBLE, LABELS, TEXT_INPUT
+from crisis_triton.client.triton_client import bytes_input, raw_probabilities
+from crisis_triton.contract.spec import ENSEMBLE, LABELS, TEXT_INPUT
+from crisis_triton.serving.server import EmbeddedServer, free_port
 from tests.conftest import ROOT, TEST_STOP_TIMEOUT
 
 TASKS = ("task1", "task2", "task3")

@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import onnx_export
-from export.encoders import hf_encoders
-from export.sample_inputs import fixed_inputs
-from export.spec import LABELS, build_specs, label_file, load_encoder_config
-from export.validate import ContractError, validate_graph
+from crisis_triton.contract.sample_inputs import fixed_inputs
+from crisis_triton.contract.spec import LABELS, build_specs, label_file, load_encoder_config
+from crisis_triton.models.encoders import hf_encoders
+from crisis_triton.onnx import export as onnx_export
+from crisis_triton.onnx.validate import ContractError, validate_graph
 from tests.conftest import run_export
 
 TINY = load_encoder_config("hf-clip-tiny")
@@ -44,7 +44,9 @@ def test_repository_layout_and_report(tiny_repo: Path) -> None:
         "bpe_simple_vocab_16e6.txt.gz",
     ):
         assert (pre / name).is_file(), name
-    assert (pre / "crisis_preprocess.py").read_text() == Path("export/preprocess.py").read_text()
+    assert (pre / "crisis_preprocess.py").read_text() == Path(
+        "crisis_triton/preprocess/posts.py"
+    ).read_text()
 
 
 @pytest.mark.parametrize("graph", SPECS.onnx_graphs, ids=lambda g: g.name)
@@ -84,7 +86,7 @@ def test_validation_fails_on_wrong_numbers_and_wrong_contract(tmp_path: Path) ->
 
 def test_large_models_use_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onnx_export, "TWO_GB", 1024)  # pretend the head is over the 2 GB limit
-    from export.head import build_multitask_head, random_head
+    from crisis_triton.models.head import build_multitask_head, random_head
 
     head = build_multitask_head({"task1": random_head(64, 48, "task1", "guided_ca", 0)}, ["task1"])
     spec = build_specs(TINY, ["task1"]).head

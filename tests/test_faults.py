@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmarks.cases import Case, jpeg
-from client.classify import journal_path
-from deploy.server import EmbeddedServer, shm_warning
-from export.repository import preprocess_json
+from crisis_triton.bench.cases import Case, jpeg
+from crisis_triton.client.classify import journal_path
+from crisis_triton.repository.writer import preprocess_json
+from crisis_triton.serving.server import EmbeddedServer, shm_warning
 from tests.conftest import ROOT
 from tests.test_reliability import ports, send
 

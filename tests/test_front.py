@@ -1,4 +1,5 @@
-"""The nginx front (deploy/front.py) for real: serve.py --tls-cert started as a user would, the
+"""The nginx front (crisis_triton/serving/front.py) for real: serve.py --tls-cert started as a user
+would, the
 client over https:// and grpcs:// with a throwaway CA (tests/tls_certs.py), the body cap (413 at
 the front, Triton never runs the request, the server stays ready), the limit of requests in
 flight (a retryable 503 / UNAVAILABLE), and the plain front (--front: HTTP and h2c gRPC).
@@ -22,23 +23,20 @@ from pathlib import Path
 
 import pytest
 
-from client.triton_client import bytes_input
-from deploy.front import (
-    MAX_CONNECTIONS,
-    REQUEST_HEADER_BYTES,
+from crisis_triton.client.triton_client import bytes_input
+from crisis_triton.contract.names import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
+from crisis_triton.repository.writer import read_preprocess_spec
+from crisis_triton.serving.front import (
     FrontConfig,
     FrontLimits,
     LuaModules,
     NginxFront,
-    body_cap,
     front_limits,
     front_missing,
-    post_bytes,
 )
-from deploy.net import free_port
-from deploy.server import ADMIN_KEY_HEADER, EmbeddedServer, admin_metadata
-from export.names import ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
-from export.repository import read_preprocess_spec
+from crisis_triton.serving.net import free_port
+from crisis_triton.serving.server import ADMIN_KEY_HEADER, EmbeddedServer, admin_metadata
+from crisis_triton.serving.sizing import MAX_CONNECTIONS, REQUEST_HEADER_BYTES, body_cap, post_bytes
 from tests.conftest import ROOT
 from tests.tls_certs import Certificates, make_certificates, openssl_missing
 
@@ -138,7 +136,7 @@ def test_an_unreachable_triton_is_a_retryable_answer() -> None:
 
 @pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 def test_front_start_failures_say_why(tmp_path: Path) -> None:
-    from deploy.front import FrontError
+    from crisis_triton.serving.front import FrontError
 
     certs = make_certificates(tmp_path / "certs")
     ports = [free_port() for _ in range(4)]
@@ -267,7 +265,7 @@ def test_ready_line_names_the_tls_urls(served: Served, front_repo: Path) -> None
 
 def _classify(served: Served, url: str, image: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "client.classify", "--url", url, "--root-certs",
+        [sys.executable, "-m", "crisis_triton.client.classify", "--url", url, "--root-certs",
          str(served.certs.ca_cert), "--json", "--retries", "0", *extra, str(image),
          "Roads flooded near the bridge #harvey"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -298,7 +296,7 @@ def test_client_classifies_over_tls(served: Served, scheme: str, tmp_path: Path)
     assert {"task1", "task2", "task3"} <= set(json.dumps(answer).replace('"', " ").split())
     # a client that does not trust the CA is refused at the handshake
     done = subprocess.run(
-        [sys.executable, "-m", "client.classify", "--url", f"{scheme}://localhost:{port}",
+        [sys.executable, "-m", "crisis_triton.client.classify", "--url", f"{scheme}://localhost:{port}",
          "--retries", "0", "--retry-deadline", "0", str(image), "text"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -310,7 +308,7 @@ def _grpc_status(served: Served, image: bytes) -> str | None:
     import tritonclient.grpc as grpc
     from tritonclient.utils import InferenceServerException
 
-    from client.triton_client import bytes_input
+    from crisis_triton.client.triton_client import bytes_input
 
     client = grpc.InferenceServerClient(
         f"localhost:{served.grpc_port}", ssl=True, root_certificates=str(served.certs.ca_cert)
@@ -455,7 +453,7 @@ def test_plain_front_caps_bodies_over_http_and_h2c(tiny_repo: Path, tmp_path: Pa
     import tritonclient.http as http_client
     from tritonclient.utils import InferenceServerException
 
-    from client.triton_client import raw_probabilities
+    from crisis_triton.client.triton_client import raw_probabilities
 
     with EmbeddedServer(tiny_repo, timeout=240, http_port=free_port(), grpc_port=free_port(),
                         metrics_port=free_port()) as server:  # fmt: skip

@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from export.head import GuidedCAHead, build_multitask_head, random_head
-from export.spec import HEAD_VARIANTS, LABELS
+from crisis_triton.contract.spec import HEAD_VARIANTS, LABELS
+from crisis_triton.models.head import GuidedCAHead, build_multitask_head, random_head
 
 
 def research_forward(m: GuidedCAHead, x_img: torch.Tensor, x_txt: torch.Tensor) -> torch.Tensor:
     """A direct transcription of the research code's forward (batch self-attention, full
-    multi-head differential attention over a sequence), independent of export/head.py's
+    multi-head differential attention over a sequence), independent of
+    crisis_triton/models/head.py's
     shortcuts."""
 
     def sa(x: torch.Tensor) -> torch.Tensor:  # softmax(X X^T) X over the batch

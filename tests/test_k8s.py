@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.serve import build_parser
-from deploy.server import (
+from crisis_triton.serving.serve import build_parser
+from crisis_triton.serving.server import (
     DEFAULT_MODEL,
     GRPC_PORT,
     HTTP_PORT,
@@ -213,7 +213,7 @@ def test_shm_volume_is_the_rules_size(overlay) -> None:
     """/dev/shm is a Memory emptyDir of the size deploy/sizing.py gives a default export: the
     compose file's and the container check's (tests/test_container_files.py ties those to the
     rule); serve.py finds it there and lets fewer requests in when it is smaller."""
-    from deploy.sizing import parse_size
+    from crisis_triton.serving.sizing import parse_size
     from scripts.container_check import SHM_SIZE
 
     _, objects = overlay

@@ -24,10 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
-from benchmarks.cases import MISSING_TEXT, Case, invalid_cases, jpeg, valid_cases
-from deploy.server import METRICS_PORT, EmbeddedServer, free_port
-from export.names import ENSEMBLE, HEAD, IMAGE_ENCODER, PREPROCESS, TEXT_ENCODER
-from export.preprocess import (
+from crisis_triton.bench.cases import MISSING_TEXT, Case, invalid_cases, jpeg, valid_cases
+from crisis_triton.contract.names import ENSEMBLE, HEAD, IMAGE_ENCODER, PREPROCESS, TEXT_ENCODER
+from crisis_triton.preprocess.posts import (
     REJECTED_POSTS_METRIC,
     PreprocessError,
     PreprocessSpec,
@@ -35,7 +34,8 @@ from export.preprocess import (
     decode_utf8,
     preprocess_image,
 )
-from export.repository import read_preprocess_spec
+from crisis_triton.repository.writer import read_preprocess_spec
+from crisis_triton.serving.server import METRICS_PORT, EmbeddedServer, free_port
 from tests.conftest import ROOT
 
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -47,7 +47,8 @@ ADAPTER = ROOT / "deploy" / "k8s" / "prometheus-adapter" / "values.yaml"
 MODELS = {ENSEMBLE, PREPROCESS, IMAGE_ENCODER, TEXT_ENCODER, HEAD}
 CACHED = IMAGE_ENCODER  # the response cache is turned on for it in the served copy
 
-# The reason each bad request of benchmarks/cases.py is counted under; None: Triton refuses it
+# The reason each bad request of crisis_triton/bench/cases.py is counted under; None: Triton
+# refuses it
 # before any model runs (not counted by the preprocess model: docs/monitoring.md).
 EXPECTED_REASON: dict[str, RejectReason | None] = {
     "empty_image": RejectReason.EMPTY,
@@ -72,7 +73,7 @@ EXPECTED_REASON: dict[str, RejectReason | None] = {
 
 
 def reason_in_process(case: Case, spec: PreprocessSpec) -> RejectReason | None:
-    """What export/preprocess.py (the code the preprocess model runs) refuses `case` for."""
+    """What preprocess/posts.py (the code the preprocess model runs) refuses `case` for."""
     try:
         preprocess_image(case.image, spec)
         decode_utf8(case.text, "text")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from export.encoders import EncoderLoadError, openclip_encoders
+from crisis_triton.models.encoders import EncoderLoadError, openclip_encoders
 from tests.conftest import run_export
 
 

@@ -1,4 +1,5 @@
-"""Open-loop load (benchmarks/openloop.py): the Poisson schedule, latency counted from the scheduled
+"""Open-loop load (crisis_triton/bench/openloop.py): the Poisson schedule, latency counted from the
+scheduled
 time, failures and late sends, rows against the real tritonserver, results.csv, and the report's
 "highest offered rate held within the p99 budget". No assertion on speed."""
 
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import openloop, report
-from benchmarks.workload import Post, make_posts
-from deploy.server import EmbeddedServer, free_port
+from crisis_triton.bench import openloop, report
+from crisis_triton.bench.workload import Post, make_posts
+from crisis_triton.serving.server import EmbeddedServer, free_port
 
 STEPS = ("preprocess", "image_encoder", "text_encoder", "fusion_head")
 
@@ -110,7 +111,7 @@ def server(tiny_repo: Path):
 
 
 def _outputs(url_http: str) -> list[str]:
-    from benchmarks.loadgen import ensemble_outputs
+    from crisis_triton.bench.loadgen import ensemble_outputs
 
     return ensemble_outputs(url_http)
 

@@ -12,16 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.triton_client import raw_probabilities
-from deploy.server import EmbeddedServer, RepositoryError, check_repository, free_port
-from export import precision as precision_module
-from export import runtimes
-from export.precision_gate import Chain, encode, gate, synthetic_posts
-from export.preprocess import PreprocessSpec
-from export.repository import read_preprocess_spec
-from export.runtimes import RUNTIME_OF
-from export.spec import LABELS, build_specs, load_encoder_config
-from export.triton_config import Deployment, all_configs, parse_pbtxt, to_pbtxt
+from crisis_triton.client.triton_client import raw_probabilities
+from crisis_triton.contract.spec import LABELS, build_specs, load_encoder_config
+from crisis_triton.precision import choice as precision_module
+from crisis_triton.precision.gate import Chain, encode, gate, synthetic_posts
+from crisis_triton.preprocess.posts import PreprocessSpec
+from crisis_triton.repository.config import Deployment, all_configs, parse_pbtxt, to_pbtxt
+from crisis_triton.repository.writer import read_preprocess_spec
+from crisis_triton.runtime import runtimes
+from crisis_triton.runtime.runtimes import RUNTIME_OF
+from crisis_triton.serving.server import (
+    EmbeddedServer,
+    RepositoryError,
+    check_repository,
+    free_port,
+)
 from tests.conftest import TINY_EXPORT_ARGS, run_export
 from tests.test_e2e import POSTS
 
@@ -48,13 +53,13 @@ def int8_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def chain_probabilities(
     repo: Path, precision: str, image: bytes, text: str, caption, runtime: str = ""
 ):
-    """The repository's graphs run in process as its configs say (export/runtimes.py)."""
+    """The repository's graphs run in process as its configs say (runtime/runtimes.py)."""
     dep = Deployment(precision=precision, runtime=runtime)
     files = {g.name: repo / g.name / "1" / dep.graph_file(g.name) for g in SPECS.onnx_graphs}
     precisions = {g.name: dep.graph_precision(g.name) for g in SPECS.onnx_graphs}
     runtimes_ = {g.name: dep.graph_runtime(g.name) for g in SPECS.onnx_graphs}
     chain = Chain.open(SPECS, files, precisions, 0, runtimes_)
-    from export.preprocess import Preprocessor
+    from crisis_triton.preprocess.posts import Preprocessor
 
     pixels, ids = Preprocessor(read_preprocess_spec(repo))([image], [text], [caption])
     out = chain(pixels, ids)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.preprocess import (
+from crisis_triton.preprocess.posts import (
     DEFAULT_ASSETS,
     PreprocessError,
     Preprocessor,
@@ -249,7 +249,7 @@ def test_preprocessor_batches_and_has_no_torch_dependency() -> None:
     pixels, ids = Preprocessor(SPEC)([img, img], ["a", "b"], [None, "c"])
     assert pixels.shape == (2, 3, 224, 224) and ids.shape == (2, 77)
     code = (
-        "import sys, export.preprocess as p; p.Preprocessor(p.PreprocessSpec());"
+        "import sys, crisis_triton.preprocess.posts as p; p.Preprocessor(p.PreprocessSpec());"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=DEFAULT_ASSETS.parents[1])

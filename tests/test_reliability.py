@@ -1,5 +1,6 @@
 """Reliability and security against the real tritonserver (issue 6): every odd or bad request of
-`benchmarks/cases.py` gets its own answer while the rest of its dynamic batch succeeds; Triton's
+`crisis_triton/bench/cases.py` gets its own answer while the rest of its dynamic batch succeeds;
+Triton's
 own checks; limits set at export; model control and file paths. Tests that start servers of their
 own (limits edited in preprocess.json, crash and restart, the load script) are in test_faults.py."""
 
@@ -12,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.cases import Case, all_cases, invalid_cases, jpeg, valid_cases
-from deploy.server import EmbeddedServer, free_port
-from export.preprocess import PreprocessSpec
-from export.repository import read_preprocess_spec
-from export.spec import ENSEMBLE, PREPROCESS, probs_name
+from crisis_triton.bench.cases import Case, all_cases, invalid_cases, jpeg, valid_cases
+from crisis_triton.contract.spec import ENSEMBLE, PREPROCESS, probs_name
+from crisis_triton.preprocess.posts import PreprocessSpec
+from crisis_triton.repository.writer import read_preprocess_spec
+from crisis_triton.serving.server import EmbeddedServer, free_port
 from tests.conftest import TEST_STOP_TIMEOUT, TINY_TASKS, run_export
 
 OUTPUTS = [probs_name(t) for t in TINY_TASKS]

@@ -1,4 +1,5 @@
-"""Triton's restricted APIs (deploy/server.py RESTRICTED_APIS) and the passthrough of tritonserver
+"""Triton's restricted APIs (crisis_triton/serving/server.py RESTRICTED_APIS) and the passthrough
+of tritonserver
 flags (serve.py `-- FLAGS`), against the real tritonserver of nvidia-pytriton.
 
 A client without the admin key cannot read the repository index, register shared memory, or
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.server import (
+from crisis_triton.serving.server import (
     ADMIN_KEY_HEADER,
     GRPC_RESTRICTED_PREFIX,
     KEYED_FLAGS,

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from deploy.front import find_nginx
-from deploy.metrics_endpoint import MetricsEndpoint
-from deploy.net import free_port, http_request
-from deploy.repository_check import parse_config
-from deploy.sizing import SizingError, plan, read_sizing, shm_total
-from deploy.supervisor import (
+from crisis_triton.contract.names import ENSEMBLE
+from crisis_triton.serving.front import find_nginx
+from crisis_triton.serving.metrics_endpoint import MetricsEndpoint
+from crisis_triton.serving.net import free_port, http_request
+from crisis_triton.serving.repository_check import parse_config
+from crisis_triton.serving.sizing import SizingError, plan, read_sizing, shm_total
+from crisis_triton.serving.supervisor import (
     BACKOFF_FIRST_S,
     MAX_RESTARTS_ENV,
     HealCounters,
@@ -46,7 +47,6 @@ from deploy.supervisor import (
     max_restarts_from,
     stubs_of,
 )
-from export.names import ENSEMBLE
 from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
 
 HEAL_DEADLINE_S = 30.0  # every request succeeds again within this after a kill
@@ -276,7 +276,7 @@ class Load:
     def _run(self) -> None:
         import tritonclient.http as client_module
 
-        from client.triton_client import raw_probabilities
+        from crisis_triton.client.triton_client import raw_probabilities
 
         while not self._stop.is_set():
             started = time.monotonic()
@@ -351,7 +351,7 @@ class Probes:
 
 
 def _front_has_healing() -> bool:
-    from deploy.front import NginxFront
+    from crisis_triton.serving.front import NginxFront
 
     return hasattr(NginxFront, "set_healing")
 
@@ -552,7 +552,7 @@ def test_embedded_server_starts_again_after_stop(tmp_path: Path) -> None:
     """The supervisor's restart: start() after stop() serves again on the same ports; a given
     log file is started afresh by the first run only and appended to by the next (the crashed
     run's lines stay); a temporary log is a new file per run, a crashed run's kept."""
-    from deploy.server import EmbeddedServer
+    from crisis_triton.serving.server import EmbeddedServer
     from tests.test_server_launcher import make_repo, ports
 
     repo = make_repo(tmp_path)

@@ -1,4 +1,5 @@
-"""deploy.server / deploy/serve.py against the tritonserver of nvidia-pytriton (a few s each).
+"""crisis_triton.serving.server / deploy/serve.py against the tritonserver of nvidia-pytriton (a
+few s each).
 
 A throwaway repository: python-backend model ``echo`` (identity on FP32[4], dynamic batching)
 wrapped by an ensemble ``crisis_classifier``.
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.server import (
+from crisis_triton.serving.server import (
     EmbeddedServer,
     RepositoryError,
     ServerStartError,
@@ -410,7 +411,7 @@ def test_serve_cli_refuses_repository_with_exit_2(tmp_path: Path) -> None:
 def test_shm_warning_names_the_size_and_the_fix(tmp_path: Path, monkeypatch) -> None:
     from collections import namedtuple
 
-    import deploy.server as server_module
+    import crisis_triton.serving.server as server_module
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(server_module.shutil, "disk_usage", lambda _: usage(64 * 2**20, 0, 0))
@@ -426,7 +427,7 @@ def test_a_killed_servers_shared_memory_is_removed(tiny_repo: Path) -> None:
     import os
     import signal
 
-    from deploy.server import SHM_DIR, shm_regions_of
+    from crisis_triton.serving.server import SHM_DIR, shm_regions_of
 
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     server = EmbeddedServer(tiny_repo, timeout=240, **ports).start()

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from deploy.front import MAX_CONNECTIONS, body_cap, front_missing
-from deploy.sizing import (
+from crisis_triton.serving.front import front_missing
+from crisis_triton.serving.sizing import (
+    MAX_CONNECTIONS,
     MIB,
     SHM_DEFAULT_BYTES,
     SHM_GROWTH_BYTES,
     SizingError,
+    body_cap,
     container_shm,
     parse_size,
     plan,
@@ -102,7 +104,7 @@ def test_sizes_as_containers_write_them() -> None:
 
 
 def _regions(pid: int) -> dict[str, int]:
-    from deploy.server import SHM_DIR, shm_regions_of
+    from crisis_triton.serving.server import SHM_DIR, shm_regions_of
 
     return {name: (SHM_DIR / name).stat().st_size for name in shm_regions_of(pid)}
 
@@ -111,9 +113,9 @@ def test_a_full_batch_grows_the_pool_as_the_rule_says(tiny_repo: Path, tmp_path:
     """Eight posts held for one batch (preferred batch 8, a long queue delay): the preprocess
     instance's pool grows to hold 8 x (request bytes + pixels + ids) at once, as deploy/sizing.py
     counts it, and at most its first MiB and one step of growth more."""
-    from benchmarks.burst import photo
-    from client.triton_client import CrisisClient
-    from deploy.server import EmbeddedServer, free_port
+    from crisis_triton.bench.burst import photo
+    from crisis_triton.client.triton_client import CrisisClient
+    from crisis_triton.serving.server import EmbeddedServer, free_port
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
@@ -174,6 +176,7 @@ def _can_mount() -> bool:
     return _in_small_shm("8m", "true").returncode == 0
 
 
+SIZING = "crisis_triton.serving.sizing"  # `python -m` form of the /dev/shm rule
 needs_mount = pytest.mark.skipif(
     not _can_mount(), reason="needs root and unshare to give a server its own small /dev/shm"
 )
@@ -220,13 +223,13 @@ def test_burst_of_large_posts_through_the_front_in_a_small_shm(
 
 def test_sizing_command_says_what_a_repository_needs(default_configs: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "deploy.sizing", str(default_configs), "--in-flight", "8"],
+        [sys.executable, "-m", SIZING, str(default_configs), "--in-flight", "8"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     need = read_sizing(default_configs).shm_needed(8)
     assert f"/dev/shm needed: {need / MIB:.1f} MiB" in done.stdout
     assert f"give it {container_shm(need)}" in done.stdout and "preprocess: 2 x" in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "deploy.sizing", str(default_configs / "nope")],
+    bad = subprocess.run([sys.executable, "-m", SIZING, str(default_configs / "nope")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "is not a directory" in bad.stderr

@@ -1,4 +1,5 @@
-"""export/tensorrt_build.py's own control flow, run on CPU against a recording stand-in for the
+"""crisis_triton/tensorrt/build.py's own control flow, run on CPU against a recording stand-in for
+the
 TensorRT Python API (no TensorRT can be installed here).
 
 What this proves: the build code runs end to end without a name or call error (a review found a
@@ -24,13 +25,13 @@ from pathlib import Path
 import onnx
 import pytest
 
-from deploy.engine_check import BuildFacts, Gpu, facts_path
-from export import tensorrt_build
-from export.engine_profile import EngineSpec, engine_spec
-from export.repository import write_configs
-from export.spec import HEAD, build_specs, load_encoder_config
-from export.tensorrt_build import BuildOptions, EngineBuildError, EngineVerificationError
-from export.triton_config import Deployment, parse_pbtxt
+from crisis_triton.contract.spec import HEAD, build_specs, load_encoder_config
+from crisis_triton.repository.config import Deployment, parse_pbtxt
+from crisis_triton.repository.writer import write_configs
+from crisis_triton.serving.engine_check import BuildFacts, Gpu, facts_path
+from crisis_triton.tensorrt import build as tensorrt_build
+from crisis_triton.tensorrt.build import BuildOptions, EngineBuildError, EngineVerificationError
+from crisis_triton.tensorrt.profile import EngineSpec, engine_spec
 from tests.conftest import TINY_EXPORT_ARGS, run_export
 
 H100 = Gpu("NVIDIA H100 80GB HBM3", "9.0")

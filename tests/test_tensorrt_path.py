@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from deploy.engine_check import (
+from crisis_triton.contract.spec import (
+    IMAGE_ENCODER,
+    INPUT_IDS,
+    PIXELS,
+    TEXT_ENCODER,
+    build_specs,
+    load_encoder_config,
+)
+from crisis_triton.repository.config import Deployment, all_configs
+from crisis_triton.serving.engine_check import (
     EX_CONFIG,
     REBUILD,
     BuildFacts,
@@ -30,18 +39,9 @@ from deploy.engine_check import (
     facts_path,
     file_sha256,
 )
-from export import build_engines
-from export.engine_profile import repository_engines, trtexec_command
-from export.spec import (
-    IMAGE_ENCODER,
-    INPUT_IDS,
-    PIXELS,
-    TEXT_ENCODER,
-    build_specs,
-    load_encoder_config,
-)
-from export.tensorrt_build import EngineBuildError, first_gpu, onnx_facts, require_tensorrt
-from export.triton_config import Deployment, all_configs
+from crisis_triton.tensorrt import build_engines
+from crisis_triton.tensorrt.build import EngineBuildError, first_gpu, onnx_facts, require_tensorrt
+from crisis_triton.tensorrt.profile import repository_engines, trtexec_command
 from tests.conftest import TINY_EXPORT_ARGS, run_export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_profiles_come_from_the_repository_configs(trt_repo: Path) -> None:
     assert {o.kind for o in head.outputs} == {"probs"}  # label files: top-1 check
     # Without preferred batch sizes the engines are tuned for the largest batch.
     configs = all_configs(TINY_SPECS, Deployment("tensorrt"))
-    from export.engine_profile import engine_spec
+    from crisis_triton.tensorrt.profile import engine_spec
 
     plain = engine_spec(configs[IMAGE_ENCODER], Path("x"))
     assert (plain.opt_batch, plain.max_batch) == (32, 32)
@@ -170,7 +170,7 @@ def test_build_facts_round_trip_and_mismatches_are_named() -> None:
 
 
 def test_serving_check_reads_facts_beside_each_engine(tmp_path: Path) -> None:
-    from export.repository import write_configs
+    from crisis_triton.repository.writer import write_configs
 
     write_configs(tmp_path, TINY_SPECS, Deployment("tensorrt"))
     engines = repository_engines(tmp_path)
@@ -314,7 +314,7 @@ def test_engines_build_verify_and_pass_the_serving_check(
 def test_sweep_rewrites_keep_the_accelerator_and_follow_the_batch_size(tmp_path: Path) -> None:
     """benchmarks' --apply reads the deployment back from the configs: the accelerator and its
     options survive, and the provider's profile follows a new max batch size."""
-    from benchmarks.repos import apply_deployment, read_deployment
+    from crisis_triton.bench.repos import apply_deployment, read_deployment
 
     args = ["--configs-only", "--backend", "onnxruntime", "--ort-accelerator", "tensorrt",
             "--ort-option", "trt_engine_cache_path=/cache", "--out", str(tmp_path)]  # fmt: skip
@@ -323,7 +323,7 @@ def test_sweep_rewrites_keep_the_accelerator_and_follow_the_batch_size(tmp_path:
     assert dep.ort_accelerator == "tensorrt"
     assert dep.ort_options == {"trt_engine_cache_path": "/cache"}
     apply_deployment(tmp_path, max_batch_size=16)
-    from export.triton_config import parse_pbtxt
+    from crisis_triton.repository.config import parse_pbtxt
 
     image = parse_pbtxt((tmp_path / IMAGE_ENCODER / "config.pbtxt").read_text())
     [accel] = image.optimization.execution_accelerators.gpu_execution_accelerator

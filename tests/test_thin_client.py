@@ -18,15 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from deploy.server import EmbeddedServer, free_port
+from crisis_triton.serving.server import EmbeddedServer, free_port
 from tests.conftest import ROOT
 
 HEAVY = (
     "torch", "torchvision", "onnxruntime", "onnx", "onnxscript", "PIL", "tokenizers",
     "transformers", "openvino", "pytriton", "open_clip", "matplotlib", "tqdm", "tensorrt",
 )  # fmt: skip
-# Project modules the client must not reach (export.spec imports the preprocessing: Pillow...).
-NOT_CLIENT = ("export.spec", "export.preprocess", "deploy", "benchmarks")
+# Project modules the client must not reach (crisis_triton.contract.spec imports the preprocessing:
+# Pillow...).
+NOT_CLIENT = (
+    "crisis_triton.contract.spec",
+    "crisis_triton.preprocess.posts",
+    "deploy",
+    "benchmarks",
+)
 IMAGE = ROOT / "examples" / "flooded_house.jpg"
 TEXT = "Flood waters rising on Main St, shelters open at the stadium #HurricaneHarvey"
 
@@ -91,9 +97,9 @@ def test_client_builds_requests_and_reports_errors_without_the_stack(tmp_path: P
     done = run_thin(
         f"""
         import tritonclient.grpc, tritonclient.http
-        from client import classify as cli
-        from client.triton_client import bytes_input
-        from export.names import IMAGE_INPUT, probs_name
+        from crisis_triton.client import classify as cli
+        from crisis_triton.client.triton_client import bytes_input
+        from crisis_triton.contract.names import IMAGE_INPUT, probs_name
 
         for mod in (tritonclient.http, tritonclient.grpc):
             tensor = bytes_input(mod, IMAGE_INPUT, b"\\x89PNG")
@@ -103,7 +109,7 @@ def test_client_builds_requests_and_reports_errors_without_the_stack(tmp_path: P
         code = cli.main([{str(IMAGE)!r}, "text", "--url", url, "--retry-deadline", "0"])
         assert code == cli.ExitCode.UNREACHABLE, code
         loaded = [m for m in sys.modules if m.partition(".")[0] in {HEAVY!r}]
-        assert not loaded and "export.spec" not in sys.modules, loaded
+        assert not loaded and "crisis_triton.contract.spec" not in sys.modules, loaded
         print("ok")
         """
     )
@@ -124,7 +130,7 @@ def test_thin_client_answers_like_the_full_install(server, protocol: str) -> Non
     url = server.url_http if protocol == "http" else server.url_grpc
     thin = run_thin(
         """
-        from client.classify import main
+        from crisis_triton.client.classify import main
         sys.exit(main(sys.argv[1:]))
         """,
         *classify_args(url, protocol),

@@ -11,17 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from export.checkpoint import load_head
-from export.cma_clip import CMAClipConfig, CMAClipHead
-from export.encoders import DEFAULT_ENCODERS, hf_encoders, weights_sha256
-from export.names import LABELS
-from export.preprocess import PreprocessSpec, TextPreprocessor, decode_image, image_to_pixels
+from crisis_triton.contract.names import LABELS
+from crisis_triton.models.checkpoint import load_head
+from crisis_triton.models.cma_clip import CMAClipConfig, CMAClipHead
+from crisis_triton.models.encoders import DEFAULT_ENCODERS, hf_encoders, weights_sha256
+from crisis_triton.preprocess.posts import (
+    PreprocessSpec,
+    TextPreprocessor,
+    decode_image,
+    image_to_pixels,
+)
+from crisis_triton.train.cache_features import main as cache_main
+from crisis_triton.train.data import DataError, encode_labels, read_annotations
+from crisis_triton.train.features import FeatureCache
+from crisis_triton.train.train_head import classification_metrics
+from crisis_triton.train.train_head import main as train_main
 from tests.crisis_data import Dataset, cache_dataset, make_dataset
-from train.cache_features import main as cache_main
-from train.data import DataError, encode_labels, read_annotations
-from train.features import FeatureCache
-from train.train_head import classification_metrics
-from train.train_head import main as train_main
 
 FAST = ("--epochs", "6", "--patience", "2", "--threads", "1")
 CMA_SMALL = ("--cma-dim", "64", "--cma-layers", "1")
@@ -272,7 +277,7 @@ def hf_folder_cache(
     weights flag), and task1's cache made with them."""
     from transformers import CLIPConfig, CLIPModel
 
-    from export.spec import load_encoder_config
+    from crisis_triton.contract.spec import load_encoder_config
 
     folder = tmp_path_factory.mktemp("hf_encoders")
     torch.manual_seed(4)
@@ -294,7 +299,7 @@ def test_exported_head_file_scores_as_trained(
     graph gives the test accuracy the training reported, with and without images."""
     import onnxruntime as ort
 
-    from export.export import main as export_main
+    from crisis_triton.export.command import main as export_main
 
     encoders, cache = hf_folder_cache
     saved = train(cache, tmp_path / "head.pt", "task1", head, "--modality-dropout", "0.3")

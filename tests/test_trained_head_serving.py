@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.names import MODALITIES_USED, modality_weights_name, probs_name
-from export.weights import LoadedModels
+from crisis_triton.contract.names import MODALITIES_USED, modality_weights_name, probs_name
+from crisis_triton.models.weights import LoadedModels
 from tests.conftest import run_export
 from tests.crisis_data import TINY_ENCODER_ARGS
 from tests.test_cma_clip_serving import ATOL, assert_close, make_image, names_of, serve, served
@@ -25,8 +25,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Head files of train/train_head.py, trained on a CrisisMMD-shaped data set
     (tests/crisis_data.py) cached with the tiny random encoders of TINY_ENCODER_ARGS: a cma_clip
     head, and the paper's guided_ca_diff head trained with modality dropout 0.3."""
+    from crisis_triton.train.train_head import main
     from tests.crisis_data import cache_dataset, make_dataset
-    from train.train_head import main
 
     folder = tmp_path_factory.mktemp("trained")
     cache = cache_dataset(make_dataset(folder / "data", "task1", 150), folder / "cache")
@@ -44,7 +44,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def export_trained(head_file: Path, out: Path) -> LoadedModels:
     """Export a trained head beside the encoders it was trained on; -> the modules exported."""
-    from export.weights import WeightsSource, load_weights
+    from crisis_triton.models.weights import WeightsSource, load_weights
 
     assert run_export(*TINY_ENCODER_ARGS, "--head-weights", f"task1={head_file}",
                       "--out", str(out)) == 0  # fmt: skip
@@ -58,7 +58,7 @@ def test_trained_cma_clip_head_served_equals_its_pytorch_forward(
 ) -> None:
     import torch
 
-    from export.preprocess import Preprocessor, PreprocessSpec
+    from crisis_triton.preprocess.posts import Preprocessor, PreprocessSpec
 
     loaded = export_trained(trained["cma_clip"], tmp_path / "repo")
     assert loaded.head_type == "cma_clip" and loaded.text_only
@@ -91,8 +91,8 @@ def test_paper_head_trained_with_modality_dropout_answers_text_only(
 ) -> None:
     import torch
 
-    from export.head import build_multitask_head
-    from export.preprocess import Preprocessor, PreprocessSpec
+    from crisis_triton.models.head import build_multitask_head
+    from crisis_triton.preprocess.posts import Preprocessor, PreprocessSpec
 
     loaded = export_trained(trained["dropout"], tmp_path / "repo")
     assert loaded.text_only and loaded.head_type == "guided_ca_diff"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from export.spec import ENSEMBLE, build_specs, load_encoder_config
-from export.triton_config import (
+from crisis_triton.contract.spec import ENSEMBLE, build_specs, load_encoder_config
+from crisis_triton.repository.config import (
     Deployment,
     all_configs,
     check_ensemble_wiring,
@@ -119,8 +119,8 @@ def test_committed_model_repository_is_a_fresh_regeneration(tmp_path: Path) -> N
 def test_deployment_is_written_as_data_and_read_back(tmp_path: Path) -> None:
     """deployment.json beside the configs: what benchmarks read instead of parsing configs back;
     a hand edit of a config is still caught (the configs are regenerated from it and compared)."""
-    from benchmarks.repos import read_deployment
-    from export.repository import read_deployment_json
+    from crisis_triton.bench.repos import read_deployment
+    from crisis_triton.repository.writer import read_deployment_json
 
     dep = Deployment(max_batch_size=8, preferred_batch_sizes=(4,), precision="int8")
     assert Deployment.from_json(dep.to_json()) == dep

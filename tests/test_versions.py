@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.triton_client import raw_probabilities
-from deploy.server import EmbeddedServer, free_port, shm_warning
-from export.precision_gate import Chain
-from export.preprocess import Preprocessor
-from export.repository import read_preprocess_spec, served_version
-from export.spec import build_specs, load_encoder_config
-from export.triton_config import parse_pbtxt
+from crisis_triton.client.triton_client import raw_probabilities
+from crisis_triton.contract.spec import build_specs, load_encoder_config
+from crisis_triton.precision.gate import Chain
+from crisis_triton.preprocess.posts import Preprocessor
+from crisis_triton.repository.config import parse_pbtxt
+from crisis_triton.repository.writer import read_preprocess_spec, served_version
+from crisis_triton.serving.server import EmbeddedServer, free_port, shm_warning
 from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
 
 TASKS = ("task1", "task2", "task3")

@@ -1,0 +1,1 @@
+"""Latency and throughput benchmarks of every serving path, and load tests."""

@@ -1,0 +1,1 @@
+"""The contract every room shares: names, tensor specs, labels, encoder configs."""

@@ -1,0 +1,1 @@
+"""The export command: weights -> verified graphs -> a published repository."""

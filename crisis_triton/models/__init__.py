@@ -1,0 +1,1 @@
+"""Model code in PyTorch: CLIP encoders, the heads, checkpoints and where weights come from."""

@@ -1,0 +1,1 @@
+"""ONNX export of each graph and its verification against PyTorch."""

@@ -1,0 +1,1 @@
+"""Writing a Triton model repository: configs, files, versions, atomic publishing."""

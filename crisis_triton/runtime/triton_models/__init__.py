@@ -1,0 +1,1 @@
+"""Python-backend model files, copied into every model repository by repository/writer.py."""

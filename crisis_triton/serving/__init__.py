@@ -1,0 +1,1 @@
+"""Serving: the embedded tritonserver, its front, /dev/shm sizing, self-healing."""

@@ -1,0 +1,1 @@
+"""TensorRT engines and their profiles (GPU machines)."""

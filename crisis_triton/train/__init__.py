@@ -1,0 +1,1 @@
+"""Training the heads on cached CLIP features."""

@@ -1,1 +1,0 @@
-"""Serving: run the embedded tritonserver (nvidia-pytriton) on a model repository."""

@@ -1,1 +1,0 @@
-"""Python-backend model files copied into the Triton model repository by export/repository.py."""
