@@ -1,9 +1,11 @@
 """Triton python-backend model: raw post (encoded image bytes, UTF-8 text, optional caption) ->
 pixel_values and input_ids. No torch.
 
-All the logic is in `crisis_preprocess.py` (a verbatim copy of export/preprocess.py, the same code
+All the logic is in `crisis_preprocess.py` (a verbatim copy of crisis_triton/preprocess/posts.py,
+the same code
 the in-process paths run) and its parameters in `preprocess.json`, both beside this file. Inputs and
-outputs are taken from config.pbtxt in the order export/triton_config.py writes them: inputs (image,
+outputs are taken from config.pbtxt in the order crisis_triton/repository/config.py writes them:
+inputs (image,
 text, caption), outputs (pixels, token ids, modalities used, and image_present where the head takes
 it). The image is optional: a post without one gets zero pixels and image_present 0 where the
 served head answers text-only posts (preprocess.json `image_optional`), else an INVALID_ARG error
@@ -13,7 +15,8 @@ request gets an INVALID_ARG error naming the problem and the others in the batch
 Every refused post is counted in the custom metric `crisis_rejected_posts_total{reason=...}` (the
 python backend's metrics API; label values: crisis_preprocess.RejectReason), one per row of the
 refused request, a request without its text input included (reason no_text: every input is
-optional for Triton, see export/spec.py). Requests Triton refuses before this model runs (a wrong
+optional for Triton, see crisis_triton/contract/spec.py). Requests Triton refuses before this model
+runs (a wrong
 dtype or shape) are not counted here, nor in any of Triton 2.51's own metrics (docs/monitoring.md).
 """
 

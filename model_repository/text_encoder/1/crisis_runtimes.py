@@ -33,7 +33,7 @@ RUNTIME_OF: dict[str, str] = {
     "bf16": OPENVINO,
 }
 # The runtimes each precision can run on (the first is its default): int8 is ONNX Runtime's
-# quantized ONNX graph, or OpenVINO's NNCF-quantized IR (export/quantize.py).
+# quantized ONNX graph, or OpenVINO's NNCF-quantized IR (crisis_triton/precision/quantize.py).
 RUNTIMES_OF: dict[str, tuple[str, ...]] = {
     "fp32": (ONNXRUNTIME, OPENVINO),
     "fp16": (ONNXRUNTIME,),

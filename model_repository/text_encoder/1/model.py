@@ -4,7 +4,8 @@ and `onnx_file` (the model file: model.onnx, or model.xml for OpenVINO int8) par
 
 For a tritonserver without the onnxruntime/openvino backends (the one in the `nvidia-pytriton`
 wheel). Names, dtypes and the ONNX file come from this model's config.pbtxt (generated from
-export/spec.py); this file holds no tensor names. A dynamic batch of requests is concatenated, run
+crisis_triton/contract/spec.py); this file holds no tensor names. A dynamic batch of requests is
+concatenated, run
 once, and split back. A precision this machine cannot run fails the load with the reason.
 """
 
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from crisis_cpus import usable_cpus  # export/cpus.py, copied beside this file
-from crisis_runtimes import RuntimeRefused, open_session  # export/runtimes.py, copied beside
+from crisis_cpus import usable_cpus  # crisis_triton/runtime/cpus.py, copied beside this file
+from crisis_runtimes import (  # crisis_triton/runtime/runtimes.py, copied beside
+    RuntimeRefused,
+    open_session,
+)
 
 
 class TritonPythonModel:
