@@ -1,23 +1,11 @@
-"""Triton python-backend model: raw post (encoded image bytes, UTF-8 text, optional caption) ->
-pixel_values and input_ids. No torch.
+"""Triton python-backend model: a raw post (image bytes, UTF-8 text, optional caption) ->
+pixel_values and input_ids, without torch.
 
-All the logic is in `crisis_preprocess.py` (a verbatim copy of crisis_triton/preprocess/posts.py,
-the same code
-the in-process paths run) and its parameters in `preprocess.json`, both beside this file. Inputs and
-outputs are taken from config.pbtxt in the order crisis_triton/repository/config.py writes them:
-inputs (image,
-text, caption), outputs (pixels, token ids, modalities used, and image_present where the head takes
-it). The image is optional: a post without one gets zero pixels and image_present 0 where the
-served head answers text-only posts (preprocess.json `image_optional`), else an INVALID_ARG error
-that says why (docs/text-only.md). Each request is decoded in its own try block: a bad
-request gets an INVALID_ARG error naming the problem and the others in the batch are answered.
-
-Every refused post is counted in the custom metric `crisis_rejected_posts_total{reason=...}` (the
-python backend's metrics API; label values: crisis_preprocess.RejectReason), one per row of the
-refused request, a request without its text input included (reason no_text: every input is
-optional for Triton, see crisis_triton/contract/spec.py). Requests Triton refuses before this model
-runs (a wrong
-dtype or shape) are not counted here, nor in any of Triton 2.51's own metrics (docs/monitoring.md).
+The logic is `crisis_preprocess.py` (a copy of crisis_triton/preprocess/posts.py, which the
+in-process paths run too), its parameters `preprocess.json`, both beside this file; tensor names
+come from config.pbtxt. Each request is decoded on its own: a bad one gets INVALID_ARG naming the
+problem and is counted in `crisis_rejected_posts_total{reason}` (docs/monitoring.md), the rest of
+the batch is answered. Posts without an image: docs/text-only.md.
 """
 
 import json
