@@ -2,7 +2,18 @@
 
 The code is crisis_triton.bench.benchmark (docs/architecture.md)."""
 
-from crisis_triton.bench.benchmark import main
+import sys
+
+try:
+    from crisis_triton.bench.benchmark import main
+except ModuleNotFoundError as exc:  # a checkout, with a Python the project is not installed for
+    if exc.name != "crisis_triton":
+        raise
+    sys.exit(
+        f"benchmark.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): "
+        "run `pip install -e '.[bench]'` in the repository root"
+    )
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -42,13 +42,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-if importlib.util.find_spec("deploy") is None:  # run from a checkout, project not installed
+if importlib.util.find_spec("crisis_triton") is None:  # run from a checkout, project not installed
     sys.exit(
         "container_check.py: the crisis-triton project is not installed for this Python "
         f"({sys.executable}): run `pip install -e '.[export,server]'` in the repository root"
     )
 
 from crisis_triton.serving.container_runtime import NoContainers, Runtime, detect
+from crisis_triton.serving.net import free_port
 from crisis_triton.serving.server import (
     GRPC_PORT,
     HTTP_PORT,
@@ -57,7 +58,6 @@ from crisis_triton.serving.server import (
     READY_PATH,
     STOP_TIMEOUT,
     EmbeddedServer,
-    free_port,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-if importlib.util.find_spec("export") is None:  # run from a checkout, project not installed
+if importlib.util.find_spec("crisis_triton") is None:  # run from a checkout, project not installed
     sys.exit(
         "gpu_check.py: the crisis-triton project is not installed for this Python "
         f"({sys.executable}): run `pip install -e '.[export]'` in the repository root"

@@ -166,13 +166,12 @@ TINY_ENCODER_ARGS = ("--random-weights", "--size", "tiny", "--seed", "3")
 
 def cache_dataset(data: Dataset, out: Path, *extra: str) -> Path:
     """cache_features.py over `data` with the tiny random encoders; -> the cache folder."""
-    from crisis_triton.train.cache_features import main
+    from crisis_triton.train.cache_features import parse_request
+    from crisis_triton.train.caching import cache_features
 
-    code = main([*data.split_args(), "--image-root", str(data.image_root), "--out", str(out),
-                 *TINY_ENCODER_ARGS, *extra])  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"cache_features.py exited with {code}")
-    return Path(out)
+    request = parse_request([*data.split_args(), "--image-root", str(data.image_root),
+                             "--out", str(out), *TINY_ENCODER_ARGS, *extra])  # fmt: skip
+    return cache_features(request).out
 
 
 def trained_head(
@@ -185,15 +184,15 @@ def trained_head(
     """A head file trained on a fresh data set (tiny random encoders, a few seconds for the
     paper's heads): export it with TINY_ENCODER_ARGS + ``--head HEAD --head-weights TASK=FILE``.
     `extra`: more train_head.py options (e.g. "--modality-dropout", "0.3")."""
-    from crisis_triton.train.train_head import main
+    from crisis_triton.train.train_head import parse_request
+    from crisis_triton.train.training import train_head
 
     folder = Path(folder)
     data = make_dataset(folder / "data", task, n)
     cache = cache_dataset(data, folder / "cache")
     out = folder / f"{task}_{head}.pt"
     sizes = ("--cma-dim", "64", "--cma-layers", "1") if head == "cma_clip" else ()
-    code = main(["--features", str(cache), "--task", task, "--head", head, "--out", str(out),
-                 "--epochs", "4", "--patience", "2", "--threads", "1", *sizes, *extra])  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"train_head.py exited with {code}")
-    return out
+    request = parse_request(["--features", str(cache), "--task", task, "--head", head,
+                             "--out", str(out), "--epochs", "4", "--patience", "2",
+                             "--threads", "1", *sizes, *extra])  # fmt: skip
+    return train_head(request).out

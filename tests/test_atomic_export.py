@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from crisis_triton.repository.publish import publish, staging_dir
-from crisis_triton.serving.server import check_repository
+from crisis_triton.serving.repository_check import check_repository
 from tests.conftest import ROOT, TINY_EXPORT_ARGS
 
 

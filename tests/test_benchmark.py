@@ -5,6 +5,7 @@ assertion on speed."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import subprocess
@@ -196,3 +197,30 @@ def test_benchmark_measures_each_precision_in_one_run(tmp_path: Path) -> None:
     assert "Gate agreement int8 (lowest task)" in names
     assert all(t["measured"] is not None for t in summary["precision_targets"])
     assert "Triton saturation int8 / fp32" in (out / "results.md").read_text()
+
+
+def test_plan_defaults_are_the_commands() -> None:
+    """The typed plans carry the command lines' defaults: no option given, the same plan."""
+    from crisis_triton.bench import benchmark, load
+    from crisis_triton.bench.burst import DEFAULT_LARGE_BYTES, BurstPlan
+    from crisis_triton.bench.plan import FULL, QUICK, BenchmarkPlan
+    from crisis_triton.bench.reliability import LoadPlan
+
+    assert benchmark.plan_from_args(benchmark.build_parser().parse_args([])) == BenchmarkPlan()
+    assert load.plan_from_args(load.parse_args([])) == LoadPlan()
+    assert load.plan_from_args(load.parse_args(["--quick"])).requests == 400
+    assert BenchmarkPlan().settings() == FULL and BenchmarkPlan(quick=True).settings() == QUICK
+    plan = benchmark.plan_from_args(
+        benchmark.build_parser().parse_args(
+            ["--quick", "--posts", "3", "--one-task-repo", "export", "--precision", "fp32,int8",
+             "--request-rate", "2,4", "--paths", "triton", "--protocols", "grpc"]
+        )
+    )  # fmt: skip
+    assert plan.precision == ("fp32", "int8") and plan.request_rate == (2.0, 4.0)
+    assert plan.paths == ("triton",) and plan.protocols == ("grpc",)
+    settings = plan.settings()
+    assert (settings.size, settings.posts, settings.one_task_repo) == ("tiny", 3, "export")
+    assert plan.levels((1, 8)) == [("grpc", 1, 4), ("grpc", 8, 8)]
+    burst = BurstPlan(url="127.0.0.1:8000")
+    assert burst.photo_bytes() == DEFAULT_LARGE_BYTES - 1024
+    assert dataclasses.replace(burst, large_bytes=5000).photo_bytes() == 5000

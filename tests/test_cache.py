@@ -8,9 +8,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,11 +34,11 @@ from crisis_triton.serving.server import (
     CACHE_IMPLEMENTATION,
     DEFAULT_CACHE_MB,
     EmbeddedServer,
-    free_port,
     response_cache_models,
 )
 from crisis_triton.serving.tritonserver_install import TritonNotFoundError, find_cache_dir
 from tests.conftest import TINY_EXPORT_ARGS, run_export
+from tests.serving import embedded_server, serve_all
 
 SPECS = build_specs(load_encoder_config("hf-clip-tiny"))
 CACHED = (IMAGE_ENCODER, TEXT_ENCODER, HEAD)
@@ -77,7 +75,7 @@ def test_deployment_json_carries_the_setting(tmp_path: Path) -> None:
 
 
 def test_export_flag_is_off_by_default_and_can_be_negated() -> None:
-    from crisis_triton.export.command import build_parser
+    from crisis_triton.export.cli import build_parser
 
     base = ["--random-weights", "--out", "unused"]
     assert build_parser().parse_args(base).response_cache is False
@@ -197,22 +195,11 @@ def servers(cache_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     plain = repos.clone(cache_repo, tmp_path_factory.mktemp("plain") / "repo")
     repos.apply_deployment(plain, response_cache=False)
     made = {
-        name: EmbeddedServer(
-            repo,
-            log_file=logs / f"{name}.log",
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-        )
+        name: embedded_server(repo, log_file=logs / f"{name}.log")
         for name, repo in (("cached", cache_repo), ("uncached", plain))
     }
-    try:
-        with ThreadPoolExecutor(len(made)) as pool:
-            list(pool.map(EmbeddedServer.start, made.values()))
-        yield SimpleNamespace(**made)
-    finally:
-        with ThreadPoolExecutor(len(made)) as pool:
-            list(pool.map(EmbeddedServer.stop, made.values()))
+    with serve_all(made) as servers:
+        yield servers
 
 
 def _photo(seed: int) -> bytes:

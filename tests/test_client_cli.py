@@ -11,7 +11,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from crisis_triton.client import classify as cli
+from crisis_triton.client import options as client_options
 from crisis_triton.client.triton_client import (
     DEFAULT_RETRIES,
     ClientError,
@@ -47,18 +47,13 @@ from crisis_triton.contract.spec import (
     TEXT_INPUT,
     probs_name,
 )
+from tests.serving import free_port  # a port nothing listens on: the unreachable server
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "client" / "classify.py"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8  # bytes only: nothing here decodes images
 TASK1 = "task1"
 TASK3 = "task3"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -407,7 +402,7 @@ class FakeClient:
 def fake_client(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
     FakeClient.error = None
     FakeClient.calls = []
-    monkeypatch.setattr(cli, "CrisisClient", FakeClient)
+    monkeypatch.setattr(client_options, "CrisisClient", FakeClient)  # what the command opens
     return FakeClient
 
 

@@ -50,13 +50,10 @@ from crisis_triton.client.triton_client import (
     shown_headers,
 )
 from crisis_triton.contract.names import ENSEMBLE
-from crisis_triton.serving.server import (
-    ADMIN_KEY_HEADER,
-    GRPC_RESTRICTED_PREFIX,
-    EmbeddedServer,
-    free_port,
-)
-from tests.conftest import ROOT, TEST_STOP_TIMEOUT, TINY_TASKS
+from crisis_triton.serving.net import free_port
+from crisis_triton.serving.server import ADMIN_KEY_HEADER, GRPC_RESTRICTED_PREFIX, EmbeddedServer
+from tests.conftest import ROOT, TINY_TASKS
+from tests.serving import serve_repository
 from tests.tls_certs import make_certificates, openssl_missing
 
 IMAGE = ROOT / "examples" / "flooded_house.jpg"
@@ -436,10 +433,7 @@ def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     shutil.copytree(ensemble / "1", ensemble / "2")
     config = ensemble / "config.pbtxt"
     config.write_text(config.read_text() + "version_policy: { all: {} }\n")
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(
-        repo, timeout=240, admin_key=SECRET, stop_timeout=TEST_STOP_TIMEOUT, **ports
-    ) as srv:
+    with serve_repository(repo, admin_key=SECRET) as srv:
         yield srv
 
 

@@ -33,8 +33,8 @@ from crisis_triton.contract.names import (
     modality_weights_name,
     probs_name,
 )
-from crisis_triton.serving.server import EmbeddedServer, free_port
-from tests.conftest import ROOT, TEST_STOP_TIMEOUT, TINY_EXPORT_ARGS, run_export
+from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
+from tests.serving import embedded_server, serve_repository
 
 TASKS = ("task1", "task2", "task3")
 CMA_ARGS = (*TINY_EXPORT_ARGS, "--head", "cma_clip")
@@ -48,11 +48,6 @@ def make_image(seed: int, size: tuple[int, int] = (120, 90)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def serve(repo: Path):
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    return EmbeddedServer(repo, timeout=240, stop_timeout=TEST_STOP_TIMEOUT, **ports)
 
 
 def names_of(tasks: tuple[str, ...], weights: bool) -> list[str]:
@@ -88,13 +83,11 @@ def cma_reference() -> Reference:
     sequences into every task's CMAClipHead, image_present 0 (zero pixels) without an image."""
     import torch
 
-    from crisis_triton.export.command import build_parser
-    from crisis_triton.models.weights import WeightsSource, load_weights
+    from crisis_triton.export.cli import parse_request
+    from crisis_triton.models.weights import load_weights
     from crisis_triton.preprocess.posts import Preprocessor, PreprocessSpec
 
-    loaded = load_weights(
-        WeightsSource.from_args(build_parser().parse_args([*CMA_ARGS, "--out", "x"]))
-    )
+    loaded = load_weights(parse_request([*CMA_ARGS, "--out", "x"]).weights)
     enc, heads = loaded.encoders, loaded.heads
     pre = Preprocessor(PreprocessSpec(image_optional=True))
 
@@ -116,7 +109,7 @@ def cma_reference() -> Reference:
 
 @pytest.fixture(scope="module")
 def cma_server(cma_repo: Path):
-    with serve(cma_repo) as srv:
+    with serve_repository(cma_repo) as srv:
         yield srv
 
 
@@ -227,7 +220,7 @@ def test_paper_head_without_modality_dropout_refuses_text_only_saying_why(tiny_r
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    with serve(tiny_repo) as srv:
+    with serve_repository(tiny_repo) as srv:
         with pytest.raises(InferenceServerException) as caught:
             served(srv.url_http, None, "Roads flooded", [probs_name("task1")])
         message = str(caught.value)
@@ -292,13 +285,13 @@ def test_preprocess_json_cannot_turn_text_only_on_for_a_head_that_cannot_mask(
     dropout) fails the model's load with the reason, instead of answering from zero pixels."""
     import shutil
 
-    from crisis_triton.serving.server import ServerStartError
+    from crisis_triton.serving.server_log import ServerStartError
 
     repo = Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
     path = repo / "preprocess" / "1" / "preprocess.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "image_optional": True}))
     with pytest.raises(ServerStartError) as caught:
-        serve(repo).start()
+        embedded_server(repo).start()
     assert "takes no image_present" in str(caught.value.model_errors)
 
 

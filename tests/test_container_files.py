@@ -102,7 +102,9 @@ def test_engine_check_runs_as_copied_into_the_image(tmp_path) -> None:
     folder = tmp_path / "deploy"
     folder.mkdir()
     shutil.copy(ROOT / "crisis_triton" / "serving" / "engine_check.py", folder / "engine_check.py")
-    shutil.copy(ROOT / "export" / "engine_facts.py", folder / "crisis_engine_facts.py")
+    shutil.copy(
+        ROOT / "crisis_triton" / "contract" / "engine_facts.py", folder / "crisis_engine_facts.py"
+    )
     run = subprocess.run(
         [sys.executable, "-S", str(folder / "engine_check.py"), "--model-repository", str(repo)],
         capture_output=True, text=True, cwd=tmp_path, timeout=60,

@@ -17,17 +17,16 @@ from PIL import Image
 
 from crisis_triton.client.triton_client import bytes_input, raw_probabilities
 from crisis_triton.contract.spec import ENSEMBLE, LABELS, TEXT_INPUT
-from crisis_triton.serving.server import EmbeddedServer, free_port
-from tests.conftest import ROOT, TEST_STOP_TIMEOUT
+from crisis_triton.serving.server import EmbeddedServer
+from tests.conftest import ROOT
 
 TASKS = ("task1", "task2", "task3")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repo: Path):
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(tiny_repo, timeout=240, stop_timeout=TEST_STOP_TIMEOUT, **ports) as srv:
-        yield srv
+def server(tiny_server: EmbeddedServer) -> EmbeddedServer:
+    """The module's tiny server (tests/serving.py)."""
+    return tiny_server
 
 
 def make_image(seed: int, size: tuple[int, int] = (160, 120), fmt: str = "JPEG") -> bytes:

@@ -21,9 +21,10 @@ from PIL import Image
 from crisis_triton.bench.cases import Case, jpeg
 from crisis_triton.client.classify import journal_path
 from crisis_triton.repository.writer import preprocess_json
-from crisis_triton.serving.server import EmbeddedServer, shm_warning
+from crisis_triton.serving.server import shm_warning
 from tests.conftest import ROOT
-from tests.test_reliability import ports, send
+from tests.serving import embedded_server, serve_repository, server_ports, started
+from tests.test_reliability import send
 
 
 def test_limits_edited_in_preprocess_json_are_served(tiny_repo: Path, tmp_path: Path) -> None:
@@ -36,7 +37,7 @@ def test_limits_edited_in_preprocess_json_are_served(tiny_repo: Path, tmp_path: 
     path.write_text(json.dumps(raw))
     small = jpeg(1, (40, 30))
     assert len(small) < 3000
-    with EmbeddedServer(repo, timeout=240, **ports()) as srv:
+    with serve_repository(repo) as srv:
         assert isinstance(send("http", srv.url_http, Case("ok", small, b"x")), dict)
         big = jpeg(2, (320, 240))
         assert f"{len(big)} bytes, over the limit of 3000 bytes" in send(
@@ -65,7 +66,7 @@ def test_batch_run_survives_a_server_crash_and_restart(tiny_repo: Path, tmp_path
         lines.append(f"{i}.jpg,post number {i} about the storm")
     batch = tmp_path / "posts.csv"
     batch.write_text("\n".join(lines) + "\n")
-    chosen = ports()
+    chosen = server_ports()
 
     def classify(results: Path) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -77,7 +78,7 @@ def test_batch_run_survives_a_server_crash_and_restart(tiny_repo: Path, tmp_path
 
     shm_before = set(Path("/dev/shm").glob("triton_python_backend_shm_region_*"))
     results = tmp_path / "results.jsonl"
-    first = EmbeddedServer(tiny_repo, timeout=240, **chosen).start()
+    first = started(embedded_server(tiny_repo, **chosen))
     journal = journal_path(results)
     try:
         proc = classify(results)
@@ -96,7 +97,7 @@ def test_batch_run_survives_a_server_crash_and_restart(tiny_repo: Path, tmp_path
         pytest.fail(f"the batch ended before the crash: {proc.communicate()[1][-2000:]}")
     done_at_crash = len(journal.read_text().splitlines())
     time.sleep(1.0)  # the client meets a dead server for a while
-    with EmbeddedServer(tiny_repo, timeout=240, **chosen):
+    with serve_repository(tiny_repo, **chosen):
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-2000:]
         clean = tmp_path / "clean.jsonl"

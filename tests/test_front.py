@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -35,9 +34,10 @@ from crisis_triton.serving.front import (
     front_missing,
 )
 from crisis_triton.serving.net import free_port
-from crisis_triton.serving.server import ADMIN_KEY_HEADER, EmbeddedServer, admin_metadata
+from crisis_triton.serving.server import ADMIN_KEY_HEADER, admin_metadata
 from crisis_triton.serving.sizing import MAX_CONNECTIONS, REQUEST_HEADER_BYTES, body_cap, post_bytes
 from tests.conftest import ROOT
+from tests.serving import run_serve_py, serve_py
 from tests.tls_certs import Certificates, make_certificates, openssl_missing
 
 KEY = "front-test-admin-key-0123"
@@ -152,17 +152,13 @@ def test_front_start_failures_say_why(tmp_path: Path) -> None:
 
 
 def test_serve_py_refuses_front_flags_alone(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for args, message in (
         (["--tls-cert", str(tmp_path)], "go together"),
         (["--max-body-bytes", "10"], "add --front or --tls-cert"),
         (["--front", "--max-connections", "0"], "a positive integer"),
         (["--tls-cert", "no.crt", "--tls-key", "no.key"], "does not exist"),
     ):
-        done = subprocess.run(
-            [sys.executable, "deploy/serve.py", "--model-repository", str(tmp_path), *args],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        done = run_serve_py("--model-repository", str(tmp_path), *args, timeout=60)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
 
 
@@ -177,6 +173,7 @@ class Served:
     metrics_port: int
     proc: subprocess.Popen[str]
     ready_line: str
+    loopback: tuple[int, int]  # tritonserver itself behind the front: its HTTP and gRPC ports
 
     def https(self) -> http.client.HTTPSConnection:
         context = ssl.create_default_context(cafile=str(self.certs.ca_cert))
@@ -211,35 +208,21 @@ def front_repo(small_batch_repo: Path) -> Path:
 @pytest.fixture(scope="module")
 def served(front_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """serve.py --tls-cert/--tls-key on the tiny repository, started as a user would."""
-    from tests.test_server_launcher import first_line
-
     folder = tmp_path_factory.mktemp("front")
     certs = make_certificates(folder / "certs")
     key_file = folder / "admin.key"
     key_file.write_text(KEY + "\n")
-    ports = [free_port() for _ in range(3)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.Popen(
-        [sys.executable, "deploy/serve.py", "--model-repository", str(front_repo),
-         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-         "--metrics-port", str(ports[2]), "--timeout", "240",
-         "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
-         "--max-connections", str(LIMIT), "--admin-key-file", str(key_file)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        line = first_line(proc, timeout=240)
-        assert line, proc.communicate(timeout=30)
-        yield Served(certs, *ports, proc, line)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, err
+    with serve_py(
+        front_repo, "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+        "--max-connections", str(LIMIT), "--admin-key-file", str(key_file),
+    ) as running:  # fmt: skip
+        loopback = running.loopback()
+        assert loopback, running.ready_line
+        triton = (int(loopback[0].rsplit(":", 1)[1]), int(loopback[1].rsplit(":", 1)[1]))
+        yield Served(certs, running.http_port, running.grpc_port, running.metrics_port,
+                     running.proc, running.ready_line, triton)  # fmt: skip
+    err = running.err
+    assert running.returncode == 0, err
     assert "Traceback" not in err and "admin key" not in err  # a key from a file: not printed
 
 
@@ -447,32 +430,32 @@ def test_admin_key_passes_the_front(served: Served) -> None:
 
 
 @needs_front
-def test_plain_front_caps_bodies_over_http_and_h2c(tiny_repo: Path, tmp_path: Path) -> None:
-    """--front without TLS (what a container uses): the same cap and limits, plain HTTP and h2c."""
+def test_plain_front_caps_bodies_over_http_and_h2c(
+    served: Served, front_repo: Path, tmp_path: Path
+) -> None:
+    """--front without TLS (what a container uses): the same cap and limits, plain HTTP and h2c;
+    a front of its own before the module's tritonserver (served's, on loopback)."""
     import tritonclient.grpc as grpc
     import tritonclient.http as http_client
     from tritonclient.utils import InferenceServerException
 
     from crisis_triton.client.triton_client import raw_probabilities
 
-    with EmbeddedServer(tiny_repo, timeout=240, http_port=free_port(), grpc_port=free_port(),
-                        metrics_port=free_port()) as server:  # fmt: skip
-        limits = front_limits(tiny_repo, max_body_bytes=200_000)
-        config = FrontConfig("127.0.0.1", free_port(), free_port(), server.http_port,
-                             server.grpc_port, limits)  # fmt: skip
-        with NginxFront(config) as front:
-            assert front.prefix is not None and (front.prefix / "nginx.conf").exists()
-            urls = {
-                "http": f"127.0.0.1:{config.http_port}",
-                "grpc": f"127.0.0.1:{config.grpc_port}",
-            }
-            image = _jpeg(tmp_path / "post.jpg")
-            for protocol, module in (("http", http_client), ("grpc", grpc)):
-                probs = raw_probabilities(module, urls[protocol], image.read_bytes(), "text",
-                                          None, ("task1",))  # fmt: skip
-                assert probs["task1"].shape[-1] > 1
-                with pytest.raises(InferenceServerException, match="over the limit of 200000"):
-                    raw_probabilities(module, urls[protocol], b"\xff" * 300_000, "text", None,
-                                      ("task1",))  # fmt: skip
-            prefix = front.prefix
-        assert front.poll() is not None and not prefix.exists()  # stopped, temp files removed
+    limits = front_limits(front_repo, max_body_bytes=200_000)
+    config = FrontConfig("127.0.0.1", free_port(), free_port(), *served.loopback, limits)
+    with NginxFront(config) as front:
+        assert front.prefix is not None and (front.prefix / "nginx.conf").exists()
+        urls = {
+            "http": f"127.0.0.1:{config.http_port}",
+            "grpc": f"127.0.0.1:{config.grpc_port}",
+        }
+        image = _jpeg(tmp_path / "post.jpg")
+        for protocol, module in (("http", http_client), ("grpc", grpc)):
+            probs = raw_probabilities(module, urls[protocol], image.read_bytes(), "text",
+                                      None, ("task1",))  # fmt: skip
+            assert probs["task1"].shape[-1] > 1
+            with pytest.raises(InferenceServerException, match="over the limit of 200000"):
+                raw_probabilities(module, urls[protocol], b"\xff" * 300_000, "text", None,
+                                  ("task1",))  # fmt: skip
+        prefix = front.prefix
+    assert front.poll() is not None and not prefix.exists()  # stopped, temp files removed

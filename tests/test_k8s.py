@@ -24,10 +24,9 @@ from crisis_triton.serving.server import (
     POLICY_ARGS,
     READY_PATH,
     STOP_TIMEOUT,
-    EmbeddedServer,
-    free_port,
 )
 from tests.deploy_files import K8S, OVERLAYS, by_kind, dockerfile_stages, flags, kustomize, tool
+from tests.serving import serve_repository
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="pip install -e '.[dev]' (kubernetes-validate)"
@@ -200,8 +199,7 @@ def test_adapter_rule_reads_metrics_a_real_server_exports(tiny_repo: Path) -> No
     used = set(re.findall(r"\b(nv_[a-z_]+)\{", query)) | {RULE["seriesQuery"].split("{")[0]}
     assert used == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
     assert f'model="{DEFAULT_MODEL}"' in query
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(tiny_repo, timeout=240, **ports) as server:
+    with serve_repository(tiny_repo) as server:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         url = f"http://{server.url_metrics}{METRICS_PATH}"
         text = opener.open(url, timeout=10).read().decode()

@@ -15,18 +15,19 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "crisis_triton"
 # Rooms and the rooms each may import (besides itself). preprocess and runtime are copied into
-# every model repository and must run there alone: they import nothing of the project.
+# every model repository and must run there alone: they import nothing of the project. Every other
+# room may import cli_types (the argparse types of the commands, standard library only).
 ALLOWED = {
     "preprocess": set(),
     "runtime": set(),
-    "contract": {"preprocess"},
-    "client": {"contract"},
-    "models": {"contract", "preprocess"},
-    "onnx": {"contract", "preprocess", "models", "runtime"},
-    "repository": {"contract", "preprocess", "runtime"},
-    "precision": {"contract", "preprocess", "runtime", "repository", "onnx"},
-    "tensorrt": {"contract", "preprocess", "runtime", "repository", "extras"},
-    "serving": {"contract"},
+    "contract": {"preprocess", "cli_types"},
+    "client": {"contract", "cli_types"},
+    "models": {"contract", "preprocess", "cli_types"},
+    "onnx": {"contract", "preprocess", "models", "runtime", "cli_types"},
+    "repository": {"contract", "preprocess", "runtime", "cli_types"},
+    "precision": {"contract", "preprocess", "runtime", "repository", "onnx", "cli_types"},
+    "tensorrt": {"contract", "preprocess", "runtime", "repository", "extras", "cli_types"},
+    "serving": {"contract", "cli_types"},
     "export": {
         "contract",
         "preprocess",
@@ -37,6 +38,7 @@ ALLOWED = {
         "tensorrt",
         "repository",
         "extras",
+        "cli_types",
     },  # fmt: skip
     "bench": {
         "contract",
@@ -50,9 +52,11 @@ ALLOWED = {
         "serving",
         "client",
         "extras",
+        "cli_types",
     },  # fmt: skip
-    "train": {"contract", "preprocess", "models", "export", "repository", "extras"},
-    "extras": set(),
+    "train": {"contract", "preprocess", "models", "export", "repository", "extras", "cli_types"},
+    "extras": {"cli_types"},
+    "cli_types": set(),  # argparse types of every command: standard library only
 }
 FORBIDDEN_FOR_CLIENT_AND_CONTRACT = {"export", "serving", "bench", "train"}
 

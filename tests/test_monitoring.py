@@ -35,8 +35,10 @@ from crisis_triton.preprocess.posts import (
     preprocess_image,
 )
 from crisis_triton.repository.writer import read_preprocess_spec
-from crisis_triton.serving.server import METRICS_PORT, EmbeddedServer, free_port
+from crisis_triton.serving.net import free_port
+from crisis_triton.serving.server import METRICS_PORT, STOP_TIMEOUT, EmbeddedServer
 from tests.conftest import ROOT
+from tests.serving import embedded_server, started
 
 MONITORING = ROOT / "deploy" / "monitoring"
 RULES = MONITORING / "crisis.rules.yml"
@@ -262,8 +264,8 @@ def stack(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     shutil.copytree(tiny_repo, repo)
     config = repo / CACHED / "config.pbtxt"  # a model with the response cache: no request summary
     config.write_text(config.read_text() + "response_cache {\n  enable: true\n}\n")
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    server = EmbeddedServer(repo, timeout=240, **ports).start()
+    # the launcher's own stop deadline: test_not_ready_while_draining_then_down watches the drain
+    server = started(embedded_server(repo, stop_timeout=STOP_TIMEOUT))
     prometheus = None
     try:
         prometheus = Prometheus(scrape_config_for(server, RULES), folder)

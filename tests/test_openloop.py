@@ -16,7 +16,7 @@ import pytest
 
 from crisis_triton.bench import openloop, report
 from crisis_triton.bench.workload import Post, make_posts
-from crisis_triton.serving.server import EmbeddedServer, free_port
+from crisis_triton.serving.server import EmbeddedServer
 
 STEPS = ("preprocess", "image_encoder", "text_encoder", "fusion_head")
 
@@ -104,10 +104,9 @@ def test_unanswered_requests_count_as_failed() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repo: Path):
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(tiny_repo, timeout=240, **ports) as srv:
-        yield srv
+def server(tiny_server: EmbeddedServer) -> EmbeddedServer:
+    """The module's tiny server (tests/serving.py)."""
+    return tiny_server
 
 
 def _outputs(url_http: str) -> list[str]:

@@ -21,13 +21,9 @@ from crisis_triton.repository.config import Deployment, all_configs, parse_pbtxt
 from crisis_triton.repository.writer import read_preprocess_spec
 from crisis_triton.runtime import runtimes
 from crisis_triton.runtime.runtimes import RUNTIME_OF
-from crisis_triton.serving.server import (
-    EmbeddedServer,
-    RepositoryError,
-    check_repository,
-    free_port,
-)
+from crisis_triton.serving.repository_check import RepositoryError, check_repository
 from tests.conftest import TINY_EXPORT_ARGS, run_export
+from tests.serving import serve_repository
 from tests.test_e2e import POSTS
 
 TASKS = ("task1", "task2", "task3")
@@ -186,7 +182,10 @@ def test_eval_posts_feed_the_gate(tmp_path: Path) -> None:
     with csv_path.open("w", newline="") as f:
         csv.writer(f).writerows([["image", "text", "caption"], *rows])
     out = tmp_path / "repo"
-    args = (*TINY_EXPORT_ARGS, *GATE, "--precision", "int8", "--eval-posts", str(csv_path))
+    # the gate's verdict is not the subject here (on a CPU without VNNI, int8 uses 7-bit weights
+    # and one of six posts of the random tiny model may flip: 0.83): the posts it reads are
+    args = (*TINY_EXPORT_ARGS, "--min-agreement", "0.5", "--precision", "int8",
+            "--eval-posts", str(csv_path))  # fmt: skip
     assert run_export(*args, "--out", str(out)) == 0
     gate_report = json.loads((out / "export_report.json").read_text())["precision_gate"]["gate"]
     assert gate_report["count"] == 6 and str(csv_path) in gate_report["posts"]
@@ -254,8 +253,7 @@ def test_serve_refuses_a_failed_export(tiny_repo: Path, tmp_path: Path) -> None:
 
 def _served(repo: Path, precision: str, runtime: str = "") -> None:
     module = pytest.importorskip("tritonclient.grpc")
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(repo, timeout=240, **ports) as srv:
+    with serve_repository(repo) as srv:
         for image, text, caption in POSTS:
             served = raw_probabilities(module, srv.url_grpc, image, text, caption, TASKS)
             expected = chain_probabilities(repo, precision, image, text, caption, runtime)
@@ -281,7 +279,10 @@ def test_int8_openvino_repository_served_end_to_end(tmp_path: Path) -> None:
     """NNCF's int8 on OpenVINO: the encoders served from model.xml/model.bin (the FP32 ONNX file
     removed), answers equal to the same models run in process."""
     out = tmp_path / "int8ov"
-    args = (*TINY_EXPORT_ARGS, *GATE, "--precision", "int8", "--runtime", "openvino")
+    # serving is the subject, not the gate's verdict: on a CPU without VNNI (AVX2 only) NNCF's int8
+    # of the random tiny model agrees with fp32 on fewer than 95% of the synthetic posts
+    args = (*TINY_EXPORT_ARGS, "--min-agreement", "0.5", "--precision", "int8", "--runtime",
+            "openvino")  # fmt: skip
     assert run_export(*args, "--out", str(out)) == 0
     image_dir = out / "image_encoder" / "1"
     assert (image_dir / "model.xml").is_file() and (image_dir / "model.bin").is_file()

@@ -17,20 +17,16 @@ from crisis_triton.bench.cases import Case, all_cases, invalid_cases, jpeg, vali
 from crisis_triton.contract.spec import ENSEMBLE, PREPROCESS, probs_name
 from crisis_triton.preprocess.posts import PreprocessSpec
 from crisis_triton.repository.writer import read_preprocess_spec
-from crisis_triton.serving.server import EmbeddedServer, free_port
-from tests.conftest import TEST_STOP_TIMEOUT, TINY_TASKS, run_export
+from crisis_triton.serving.server import EmbeddedServer
+from tests.conftest import TINY_TASKS, run_export
 
 OUTPUTS = [probs_name(t) for t in TINY_TASKS]
 
 
-def ports() -> dict[str, int]:
-    return {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-
-
 @pytest.fixture(scope="module")
-def server(tiny_repo: Path):
-    with EmbeddedServer(tiny_repo, timeout=240, stop_timeout=TEST_STOP_TIMEOUT, **ports()) as srv:
-        yield srv
+def server(tiny_server: EmbeddedServer) -> EmbeddedServer:
+    """The module's tiny server (tests/serving.py)."""
+    return tiny_server
 
 
 def send(protocol: str, url: str, case: Case) -> dict[str, np.ndarray] | str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +31,8 @@ from crisis_triton.serving.server import (
     refused_flags,
     restricted_args,
 )
-from tests.conftest import ROOT, TEST_STOP_TIMEOUT
-from tests.test_server_launcher import make_repo, ports
+from tests.serving import run_serve_py, serve_py, serve_repository
+from tests.test_server_launcher import make_repo
 
 KEY = "test-admin-key-0123456789"
 
@@ -98,27 +96,21 @@ def test_every_policy_flag_and_its_abbreviation_is_refused() -> None:
     assert EmbeddedServer("unused", extra_args=allowed).extra_args == allowed
 
 
-def serve_py(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "deploy/serve.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
-
-
 def test_serve_py_refuses_policy_flags_after_the_separator(tmp_path: Path) -> None:
-    done = serve_py("--model-repository", str(tmp_path), "--", "--log-verbose", "1",
-                    "--model-control-mode=explicit", "--http-po", "9000")  # fmt: skip
+    done = run_serve_py("--model-repository", str(tmp_path), "--", "--log-verbose", "1",
+                        "--model-control-mode=explicit", "--http-po", "9000")  # fmt: skip
     assert done.returncode == 2
     assert "--model-control-mode: serving policy (POLICY_ARGS)" in done.stderr
     assert "--http-po (--http-port)" in done.stderr and "Traceback" not in done.stderr
     assert "--log-verbose" not in done.stderr.split("error:")[1]  # allowed, not named
-    done = serve_py("--model-repository", str(tmp_path), "--log-verbose", "1")
+    done = run_serve_py("--model-repository", str(tmp_path), "--log-verbose", "1")
     assert done.returncode == 2 and "after `--`" not in done.stderr  # argparse: unrecognized
-    done = serve_py("--model-repository", str(tmp_path), "--admin-key", "short")
+    done = run_serve_py("--model-repository", str(tmp_path), "--admin-key", "short")
     assert done.returncode == 2 and "16 to 256 characters" in done.stderr
 
 
 def test_serve_py_help_lists_the_refused_flags() -> None:
-    done = serve_py("--help")
+    done = run_serve_py("--help")
     assert done.returncode == 0
     for flag in refused_flags():
         assert flag in done.stdout, flag
@@ -131,9 +123,7 @@ def test_serve_py_help_lists_the_refused_flags() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     repo = make_repo(tmp_path_factory.mktemp("restricted"))
-    with EmbeddedServer(
-        repo, timeout=120, admin_key=KEY, stop_timeout=TEST_STOP_TIMEOUT, **ports()
-    ) as srv:
+    with serve_repository(repo, timeout=120, admin_key=KEY) as srv:
         yield srv
 
 
@@ -216,31 +206,20 @@ def _children(pid: int) -> list[int]:
 
 @needs_server
 def test_serve_py_passes_flags_through_and_prints_a_generated_key(tmp_path: Path) -> None:
-    from tests.test_server_launcher import first_line, port_args
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.Popen(
-        [sys.executable, "deploy/serve.py", "--model-repository", str(make_repo(tmp_path)),
-         *port_args(ports()), "--", "--http-thread-count=3", "--log-verbose", "1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        line = first_line(proc, timeout=60)
-        assert line.startswith("crisis_classifier ready on http://"), proc.communicate()
+    passed = ("--", "--http-thread-count=3", "--log-verbose", "1")
+    with serve_py(make_repo(tmp_path), *passed) as served:
+        line = served.ready_line
+        assert line.startswith("crisis_classifier ready on http://"), served.err
         deadline = time.monotonic() + 10
-        while not (children := _children(proc.pid)) and time.monotonic() < deadline:
+        while not (children := _children(served.proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert children, "no tritonserver under serve.py"
         command = Path(f"/proc/{children[0]}/cmdline").read_bytes().decode().split("\0")
         assert command[-4:-1] == ["--http-thread-count=3", "--log-verbose", "1"]  # last: win
         flag = next(a for a in command if a.startswith("--http-restricted-api="))
         key = flag.rsplit(f"{ADMIN_KEY_HEADER}=", 1)[1]
-        proc.terminate()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    err = served.err
+    assert served.returncode == 0, err
     key_lines = [line for line in err.splitlines() if "admin key" in line]
     assert len(key_lines) == 1 and key_lines[0].endswith(f": {key}")  # printed once
     check_admin_key(key)

@@ -13,7 +13,6 @@ ready. Two more serve.py runs: a spent restart budget exits 1 with the message, 
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import importlib.util
 import io
@@ -22,11 +21,9 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -34,7 +31,7 @@ import pytest
 from crisis_triton.contract.names import ENSEMBLE
 from crisis_triton.serving.front import find_nginx
 from crisis_triton.serving.metrics_endpoint import MetricsEndpoint
-from crisis_triton.serving.net import free_port, http_request
+from crisis_triton.serving.net import http_request
 from crisis_triton.serving.repository_check import parse_config
 from crisis_triton.serving.sizing import SizingError, plan, read_sizing, shm_total
 from crisis_triton.serving.supervisor import (
@@ -47,11 +44,11 @@ from crisis_triton.serving.supervisor import (
     max_restarts_from,
     stubs_of,
 )
-from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
+from tests.conftest import TINY_EXPORT_ARGS, run_export
+from tests.serving import Served, run_serve_py, server_ports, start_serve_py
 
 HEAL_DEADLINE_S = 30.0  # every request succeeds again within this after a kill
 PROBE_PERIOD_S = 0.05
-SERVE_START_S = 240.0
 
 
 def _missing() -> str | None:
@@ -88,148 +85,8 @@ def jpeg() -> bytes:
 
 
 # ------------------------------------------------------------------------------ serve.py
-
-
-@dataclass
-class Served:
-    """serve.py as a subprocess; its stderr lines collected as they come."""
-
-    proc: subprocess.Popen[str]
-    http_port: int
-    metrics_port: int
-    repo: Path
-    log_file: Path | None
-    ready_line: str = ""
-    stderr: list[str] = field(default_factory=list)
-    arrived: dict[str, float] = field(default_factory=dict)  # line -> when it was read
-    readers: list[threading.Thread] = field(default_factory=list)
-    _lines: threading.Condition = field(default_factory=threading.Condition)
-
-    def _read(self, stream: io.TextIOBase, into: list[str] | None) -> None:
-        for line in stream:
-            with self._lines:
-                if into is None and not self.ready_line:
-                    self.ready_line = line
-                elif into is not None:
-                    into.append(line.rstrip("\n"))
-                    self.arrived.setdefault(into[-1], time.monotonic())
-                self._lines.notify_all()
-
-    def wait_line(self, pattern: str, after: int, timeout: float) -> str:
-        """The first stderr line from index ``after`` on matching ``pattern``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ended = self.proc.poll() is not None
-            if ended:  # every line it wrote is read before the last look
-                for reader in self.readers:
-                    reader.join(10)
-            with self._lines:
-                for line in self.stderr[after:]:
-                    if re.search(pattern, line):
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or ended:
-                    pytest.fail(f"no line /{pattern}/ within {timeout} s: {self.stderr[after:]}")
-                self._lines.wait(min(left, 0.5))
-
-    def wait_ready_line(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        with self._lines:
-            while not self.ready_line:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    pytest.fail(f"serve.py not ready: {self.stderr}")
-                self._lines.wait(0.5)
-        return self.ready_line
-
-    def triton_pid(self) -> int:
-        """tritonserver, serve.py's child (the one running now: waits through a restart)."""
-        deadline = time.monotonic() + HEAL_DEADLINE_S
-        while time.monotonic() < deadline:
-            for entry in Path("/proc").iterdir():
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0]
-                except (OSError, IndexError, ValueError):
-                    continue
-                if ppid == self.proc.pid and argv0.endswith(b"/tritonserver"):
-                    return int(entry.name)
-            time.sleep(0.05)
-        pytest.fail("no tritonserver child of serve.py")
-
-    def metrics(self) -> dict[str, float]:
-        """serve.py's /metrics: series (name{labels}) -> value."""
-        answer = http_request("GET", f"http://127.0.0.1:{self.metrics_port}/metrics")
-        assert answer is not None and answer[0] == 200, answer
-        values = {}
-        for line in answer[1].decode().splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
-
-    def front(self, path: str) -> int:
-        answer = http_request("GET", f"http://127.0.0.1:{self.http_port}{path}", timeout=5)
-        return 0 if answer is None else answer[0]
-
-
-def start_serve(
-    repo: Path, *args: str, env: dict[str, str] | None = None, log_file: Path | None = None
-) -> Served:
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    environ.update(env or {})
-    log_args = ["--log-file", str(log_file)] if log_file is not None else []
-    proc = subprocess.Popen(
-        [sys.executable, "deploy/serve.py", "--model-repository", str(repo),
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-         "--metrics-port", str(metrics_port), "--timeout", str(int(SERVE_START_S)),
-         *log_args, *args],
-        cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    served = Served(proc, http_port, metrics_port, repo, log_file)
-    assert proc.stdout is not None and proc.stderr is not None
-    for stream, into in ((proc.stdout, None), (proc.stderr, served.stderr)):
-        reader = threading.Thread(target=served._read, args=(stream, into), daemon=True)
-        reader.start()
-        served.readers.append(reader)
-    try:
-        served.wait_ready_line(SERVE_START_S)
-    except BaseException:
-        stop_serve(served)
-        raise
-    return served
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if (
-                entry.name.isdigit()
-                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
-            ):
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def stop_serve(served: Served, timeout: float = 60) -> int:
-    """SIGTERM, serve.py's exit status; on a timeout, serve.py and its children (tritonserver
-    and nginx lead process groups of their own) are killed, nothing left behind."""
-    if served.proc.poll() is None:
-        served.proc.send_signal(signal.SIGTERM)
-    try:
-        return served.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        for child in _children(served.proc.pid):
-            with contextlib.suppress(OSError):
-                os.killpg(child, signal.SIGKILL)
-        served.proc.kill()
-        served.proc.wait()
-        raise
+# serve.py as a subprocess, its stderr lines collected as they come: tests/serving.py's Served
+# and start_serve_py (free ports, the ready line, SIGTERM and a bounded wait).
 
 
 @pytest.fixture(scope="module")
@@ -251,11 +108,11 @@ def served(heal_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if _missing() is not None:
         pytest.skip(str(_missing()))
     log = tmp_path_factory.mktemp("heal") / "triton.log"
-    served = start_serve(heal_repo, "--front", env={MAX_RESTARTS_ENV: "20"}, log_file=log)
+    served = start_serve_py(heal_repo, "--front", env={MAX_RESTARTS_ENV: "20"}, log_file=log)
     try:
         yield served
     finally:
-        code = stop_serve(served)
+        code = served.stop()
     assert code == 0, served.stderr
     assert not any("Traceback" in line for line in served.stderr), served.stderr
 
@@ -447,7 +304,7 @@ def test_killed_stubs_of_each_python_model_are_healed(served: Served) -> None:
 def test_a_spent_restart_budget_exits_1(heal_repo: Path) -> None:
     """A budget of 1 restart: the first crash is restarted, the second ends serve.py (exit 1,
     the message says why); the crashed runs' temporary logs are kept and named."""
-    served = start_serve(heal_repo, env={MAX_RESTARTS_ENV: "1"})
+    served = start_serve_py(heal_repo, env={MAX_RESTARTS_ENV: "1"})
     try:
         os.kill(served.triton_pid(), signal.SIGKILL)
         line = served.wait_line(r"restarting tritonserver \(1 of 1\)", 0, 10)
@@ -457,7 +314,7 @@ def test_a_spent_restart_budget_exits_1(heal_repo: Path) -> None:
         os.kill(served.triton_pid(), signal.SIGKILL)
         assert served.proc.wait(30) == 1
     finally:
-        stop_serve(served)
+        served.stop()
     line = served.wait_line(r"giving up", 0, 5)
     assert line.startswith("serve.py: error: tritonserver exited with code -9 (SIGKILL)"), line
     assert "1 restarts within 600 s already" in line and "exit 1" in line
@@ -471,7 +328,7 @@ def test_a_spent_restart_budget_exits_1(heal_repo: Path) -> None:
 @needs_server
 def test_sigterm_while_healing_stops_cleanly(heal_repo: Path) -> None:
     """SIGTERM during a restart's backoff: exit 0 at once (the crash was reported already)."""
-    served = start_serve(heal_repo)
+    served = start_serve_py(heal_repo)
     try:
         os.kill(served.triton_pid(), signal.SIGKILL)
         served.wait_line(r"restarting tritonserver \(1 of \d+\) in", 0, 10)
@@ -480,7 +337,7 @@ def test_sigterm_while_healing_stops_cleanly(heal_repo: Path) -> None:
         assert served.proc.wait(30) == 0, served.stderr
         assert time.monotonic() - started < 10
     finally:
-        stop_serve(served)
+        served.stop()
     assert not any("error" in line or "healed" in line for line in served.stderr), served.stderr
     for log in re.findall(r"\(log: (\S+)\)", "\n".join(served.stderr)):
         Path(log).unlink(missing_ok=True)
@@ -510,7 +367,7 @@ def test_versions_replaced_under_polling_are_not_deaths(heal_repo: Path, tmp_pat
     still healed."""
     repo = tmp_path / "repo"
     shutil.copytree(heal_repo, repo)
-    served = start_serve(repo, "--poll-seconds", "1")
+    served = start_serve_py(repo, "--poll-seconds", "1")
     try:
         model = "fusion_head"
         first = {s.pid for s in stubs_of(served.triton_pid()).values() if s.model == model}
@@ -544,7 +401,7 @@ def test_versions_replaced_under_polling_are_not_deaths(heal_repo: Path, tmp_pat
         assert served.metrics()[f'crisis_stub_deaths_total{{model="{model}"}}'] == 1
         assert served.front("/v2/health/ready") == 200
     finally:
-        assert stop_serve(served) == 0, served.stderr
+        assert served.stop() == 0, served.stderr
 
 
 @needs_server
@@ -553,12 +410,12 @@ def test_embedded_server_starts_again_after_stop(tmp_path: Path) -> None:
     log file is started afresh by the first run only and appended to by the next (the crashed
     run's lines stay); a temporary log is a new file per run, a crashed run's kept."""
     from crisis_triton.serving.server import EmbeddedServer
-    from tests.test_server_launcher import make_repo, ports
+    from tests.test_server_launcher import make_repo
 
     repo = make_repo(tmp_path)
     log = tmp_path / "triton.log"
     log.write_text("an older run's log\n")
-    chosen = ports()
+    chosen = server_ports()
     server = EmbeddedServer(
         repo,
         timeout=60,
@@ -581,7 +438,7 @@ def test_embedded_server_starts_again_after_stop(tmp_path: Path) -> None:
         assert text.index("Started HTTPService") < text.index("started again (run 2)")
     finally:
         server.stop()
-    chosen = ports()
+    chosen = server_ports()
     temp = EmbeddedServer(
         repo,
         timeout=60,
@@ -701,12 +558,11 @@ def test_metrics_port_in_use_is_refused_before_starting(heal_repo: Path) -> None
     """serve.py takes its public metrics port before it starts tritonserver."""
     taken = MetricsEndpoint("127.0.0.1", 0, "http://127.0.0.1:1/", str).start()  # listening
     try:
-        done = subprocess.run(
-            [sys.executable, "deploy/serve.py", "--model-repository", str(heal_repo),
-             "--metrics-port", str(taken.port),
-             "--http-port", str(free_port()), "--grpc-port", str(free_port())],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        ports = server_ports()
+        done = run_serve_py(
+            "--model-repository", str(heal_repo), "--metrics-port", str(taken.port),
+            "--http-port", str(ports["http_port"]), "--grpc-port", str(ports["grpc_port"]),
+            timeout=60,
         )  # fmt: skip
     finally:
         taken.stop()

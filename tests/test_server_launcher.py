@@ -10,13 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,17 +22,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crisis_triton.serving.server import (
-    EmbeddedServer,
-    RepositoryError,
-    ServerStartError,
-    check_repository,
-    find_tritonserver,
-    free_port,
-    prepare_backend_dir,
+from crisis_triton.serving.repository_check import RepositoryError, check_repository
+from crisis_triton.serving.server import EmbeddedServer
+from crisis_triton.serving.server_log import ServerStartError
+from crisis_triton.serving.tritonserver_install import find_tritonserver, prepare_backend_dir
+from tests.serving import (
+    embedded_server,
+    port_flags,
+    run_serve_py,
+    serve_py,
+    serve_repository,
+    server_ports,
+    started,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 needs_server = pytest.mark.skipif(
     importlib.util.find_spec("pytriton") is None, reason="nvidia-pytriton is not installed"
@@ -111,14 +111,6 @@ def make_repo(root: Path, *, broken: bool = False, probe_file: Path | None = Non
     (repo / "echo" / "1" / "model.py").write_text(BROKEN_MODEL if broken else ECHO_MODEL)
     (repo / "crisis_classifier" / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
     return repo
-
-
-def ports() -> dict[str, int]:
-    chosen: set[int] = set()
-    while len(chosen) < 3:
-        chosen.add(free_port())
-    http, grpc, metrics = sorted(chosen)
-    return {"http_port": http, "grpc_port": grpc, "metrics_port": metrics}
 
 
 def listeners(port: int) -> list[str]:
@@ -218,8 +210,7 @@ def test_backend_dir_holds_stub_for_this_python(tmp_path: Path) -> None:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedServer, Path]]:
     root = tmp_path_factory.mktemp("served")
     probe = root / "probe.json"
-    server = EmbeddedServer(make_repo(root, probe_file=probe), timeout=60, **ports())
-    with server:
+    with serve_repository(make_repo(root, probe_file=probe), timeout=60) as server:
         yield server, probe
 
 
@@ -279,7 +270,7 @@ def test_server_binds_loopback_by_default(served: tuple[EmbeddedServer, Path]) -
 @needs_server
 def test_server_stops_cleanly(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
-    server = EmbeddedServer(repo, timeout=60, log_file=tmp_path / "triton.log", **ports())
+    server = EmbeddedServer(repo, timeout=60, log_file=tmp_path / "triton.log", **server_ports())
     server.start()
     pid = server.pid
     assert pid is not None and server.poll() is None
@@ -298,7 +289,9 @@ def test_server_stops_cleanly(tmp_path: Path) -> None:
 @needs_server
 def test_failed_model_load_raises_with_the_model_error(tmp_path: Path) -> None:
     log = tmp_path / "triton.log"
-    server = EmbeddedServer(make_repo(tmp_path, broken=True), timeout=60, log_file=log, **ports())
+    server = EmbeddedServer(
+        make_repo(tmp_path, broken=True), timeout=60, log_file=log, **server_ports()
+    )
     started = time.monotonic()
     with pytest.raises(ServerStartError) as info:
         server.start()
@@ -314,58 +307,18 @@ def test_failed_model_load_raises_with_the_model_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- serve.py
 
 
-def serve(*args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.Popen(
-        [sys.executable, "deploy/serve.py", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    lines: queue.Queue[str] = queue.Queue()
-    assert proc.stdout is not None
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        return lines.get(timeout=timeout)
-    except queue.Empty:
-        proc.kill()
-        pytest.fail(f"no ready line within {timeout} s")
-
-
-def ready_then_sigterm(proc: subprocess.Popen[str]) -> tuple[str, str, str]:
-    """serve.py's ready line, then SIGTERM: (ready line, rest of stdout, stderr); killed if it
-    does not stop."""
-    try:
-        line = first_line(proc, timeout=60)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return line, out, err
-
-
-def port_args(chosen: dict[str, int]) -> list[str]:
-    return [f"--{key.replace('_', '-')}={value}" for key, value in chosen.items()]
-
-
 @needs_server
 def test_serve_cli_ready_line_and_sigterm(tmp_path: Path) -> None:
-    chosen = ports()
-    proc = serve("--model-repository", str(make_repo(tmp_path)), *port_args(chosen))
-    line, out, err = ready_then_sigterm(proc)
-    h, g, m = chosen["http_port"], chosen["grpc_port"], chosen["metrics_port"]
+    with serve_py(make_repo(tmp_path)) as served:  # its ready line, then SIGTERM
+        line = served.ready_line
+    out, err = served.out, served.err
+    h, g, m = served.http_port, served.grpc_port, served.metrics_port
     assert re.fullmatch(
         rf"crisis_classifier ready on http://127\.0\.0\.1:{h} grpc 127\.0\.0\.1:{g} "
         rf"metrics http://127\.0\.0\.1:{m}/metrics \(ready in \d+\.\d s\)\n",
         line,
     ), line
-    assert proc.returncode == 0, err
+    assert served.returncode == 0, err
     assert out == "" and "Traceback" not in err
     assert "Started HTTPService" not in err  # the log stays in its file unless --echo-log
     assert listeners(h) == [] and listeners(g) == []
@@ -374,11 +327,11 @@ def test_serve_cli_ready_line_and_sigterm(tmp_path: Path) -> None:
 @needs_server
 def test_serve_cli_echo_log_copies_the_server_log_to_stderr(tmp_path: Path) -> None:
     log = tmp_path / "triton.log"
-    proc = serve("--model-repository", str(make_repo(tmp_path)), *port_args(ports()),
-                 "--log-file", str(log), "--echo-log")  # fmt: skip
-    line, out, err = ready_then_sigterm(proc)
+    with serve_py(make_repo(tmp_path), "--echo-log", log_file=log) as served:
+        line = served.ready_line
+    out, err = served.out, served.err
     assert line.startswith("crisis_classifier ready on ")  # stdout: the ready line only
-    assert proc.returncode == 0, err
+    assert served.returncode == 0, err
     assert out == "" and "Started HTTPService" in err and "Started GRPCInferenceService" in err
     assert "Started HTTPService" in log.read_text()
 
@@ -386,9 +339,10 @@ def test_serve_cli_echo_log_copies_the_server_log_to_stderr(tmp_path: Path) -> N
 @needs_server
 def test_serve_cli_start_failure_is_one_message(tmp_path: Path) -> None:
     repo, log = make_repo(tmp_path, broken=True), tmp_path / "triton.log"
-    proc = serve("--model-repository", str(repo), f"--log-file={log}", *port_args(ports()))
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
+    done = run_serve_py("--model-repository", str(repo), f"--log-file={log}",
+                        *port_flags(server_ports()), timeout=120)  # fmt: skip
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 1
     assert out == "" and "Traceback" not in err
     lines = err.strip().splitlines()
     errors = [line for line in lines if not line.startswith("serve.py: warning:")]
@@ -400,12 +354,69 @@ def test_serve_cli_start_failure_is_one_message(tmp_path: Path) -> None:
 def test_serve_cli_refuses_repository_with_exit_2(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
     (repo / "echo" / "config.pbtxt").write_text('name: "echo"\nplatform: "onnxruntime_onnx"\n')
-    proc = serve("--model-repository", str(repo), *port_args(ports()))
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2
+    done = run_serve_py("--model-repository", str(repo), *port_flags(server_ports()))
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 2
     assert out == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert "model 'echo'" in err and "onnxruntime_onnx" in err
+
+
+# A leader that ignores SIGTERM and has started a child in its process group; prints its pid.
+STUBBORN_LEADER = (
+    "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    "print(child.pid, flush=True); time.sleep(60)"
+)
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_stop_group_signals_then_kills_the_whole_group() -> None:
+    """processes.stop_group (EmbeddedServer.stop, NginxFront.stop): the first signal to the
+    leader; where it does not exit within the grace, SIGKILL to its process group, whose other
+    processes (python stubs, nginx workers) die with it; a leader that obeys exits by it."""
+    from crisis_triton.serving.processes import stop_group
+
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN_LEADER], stdout=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    started = time.monotonic()
+    assert stop_group(proc, signal.SIGTERM, 0.5) == -signal.SIGKILL
+    assert time.monotonic() - started >= 0.5
+    deadline = time.monotonic() + 5
+    while not _gone_or_zombie(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone_or_zombie(child)
+
+    obeys = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             start_new_session=True)  # fmt: skip
+    assert stop_group(obeys, signal.SIGTERM, 10.0) == -signal.SIGTERM
+    assert stop_group(obeys, signal.SIGTERM, 10.0) == -signal.SIGTERM  # idempotent
+
+
+def test_serve_request_is_the_command_line(tmp_path: Path) -> None:
+    """serve.py's flags become a ServeRequest (the same defaults); serve() refuses a request
+    with a flag error (what serve.py exits 2 with) before it starts anything."""
+    from crisis_triton.serving.serve import ServeRequest, parse_request, request_error, serve
+
+    repo = tmp_path / "repo"
+    assert parse_request(["--model-repository", str(repo)]) == ServeRequest(repo)
+    request = parse_request(["--model-repository", str(repo), "--front", "--max-connections",
+                             "3", "--admin-key", "k" * 16, "--", "--log-verbose", "1"])  # fmt: skip
+    assert request == ServeRequest(repo, front=True, max_connections=3, admin_key="k" * 16,
+                                   triton_args=("--log-verbose", "1"))  # fmt: skip
+    public = ServeRequest(repo, address="0.0.0.0")
+    assert "without the front would expose" in (request_error(public) or "")
+    assert request_error(ServeRequest(repo, address="0.0.0.0", no_front=True)) is None
+    with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
+        serve(ServeRequest(repo, tls_cert=tmp_path / "crt"))
 
 
 def test_shm_warning_names_the_size_and_the_fix(tmp_path: Path, monkeypatch) -> None:
@@ -429,8 +440,7 @@ def test_a_killed_servers_shared_memory_is_removed(tiny_repo: Path) -> None:
 
     from crisis_triton.serving.server import SHM_DIR, shm_regions_of
 
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    server = EmbeddedServer(tiny_repo, timeout=240, **ports).start()
+    server = started(embedded_server(tiny_repo))
     try:
         regions = shm_regions_of(server.pid)
         assert regions and all((SHM_DIR / name).exists() for name in regions)

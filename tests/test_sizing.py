@@ -30,6 +30,7 @@ from crisis_triton.serving.sizing import (
     read_sizing,
 )
 from tests.conftest import ROOT, run_export
+from tests.serving import serve_py_argv, serve_repository
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,6 @@ def test_a_full_batch_grows_the_pool_as_the_rule_says(tiny_repo: Path, tmp_path:
     counts it, and at most its first MiB and one step of growth more."""
     from crisis_triton.bench.burst import photo
     from crisis_triton.client.triton_client import CrisisClient
-    from crisis_triton.serving.server import EmbeddedServer, free_port
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
@@ -128,8 +128,7 @@ def test_a_full_batch_grows_the_pool_as_the_rule_says(tiny_repo: Path, tmp_path:
     posts = 8
     images = [photo(1_900_000, seed) for seed in range(posts)]
     text_bytes = len(b"flood")
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(repo, timeout=240, **ports) as server:
+    with serve_repository(repo) as server:
         assert server.pid is not None
         before = _regions(server.pid)
         assert set(before.values()) == {SHM_DEFAULT_BYTES}
@@ -185,9 +184,7 @@ needs_nginx = pytest.mark.skipif(front_missing() is not None, reason=str(front_m
 
 @needs_mount
 def test_serve_refuses_a_shm_too_small_for_one_request(tiny_repo: Path) -> None:
-    done = _in_small_shm(
-        "48m", sys.executable, "deploy/serve.py", "--model-repository", str(tiny_repo), "--front"
-    )
+    done = _in_small_shm("48m", *serve_py_argv("--model-repository", str(tiny_repo), "--front"))
     assert done.returncode == 2, done.stderr
     assert "not even one request" in done.stderr and "give it" in done.stderr
 

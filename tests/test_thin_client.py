@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from crisis_triton.serving.server import EmbeddedServer, free_port
+from crisis_triton.serving.server import EmbeddedServer
 from tests.conftest import ROOT
 
 HEAVY = (
@@ -119,10 +119,9 @@ def test_client_builds_requests_and_reports_errors_without_the_stack(tmp_path: P
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repo: Path):
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    with EmbeddedServer(tiny_repo, timeout=240, **ports) as srv:
-        yield srv
+def server(tiny_server: EmbeddedServer) -> EmbeddedServer:
+    """The module's tiny server (tests/serving.py)."""
+    return tiny_server
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -157,7 +156,7 @@ def thin_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    for name in ("export", "client", "deploy", "benchmarks"):
+    for name in ("crisis_triton", "export", "client", "deploy", "benchmarks"):
         shutil.copytree(
             ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "results")
         )

@@ -21,12 +21,16 @@ from crisis_triton.preprocess.posts import (
     decode_image,
     image_to_pixels,
 )
+from crisis_triton.train import cache_features as cache_cli
+from crisis_triton.train import train_head as train_cli
 from crisis_triton.train.cache_features import main as cache_main
+from crisis_triton.train.caching import cache_features
 from crisis_triton.train.data import DataError, encode_labels, read_annotations
 from crisis_triton.train.features import FeatureCache
-from crisis_triton.train.train_head import classification_metrics
+from crisis_triton.train.metrics import classification_metrics
 from crisis_triton.train.train_head import main as train_main
-from tests.crisis_data import Dataset, cache_dataset, make_dataset
+from crisis_triton.train.training import train_head
+from tests.crisis_data import TINY_ENCODER_ARGS, Dataset, cache_dataset, make_dataset
 
 FAST = ("--epochs", "6", "--patience", "2", "--threads", "1")
 CMA_SMALL = ("--cma-dim", "64", "--cma-layers", "1")
@@ -35,7 +39,7 @@ CMA_SMALL = ("--cma-dim", "64", "--cma-layers", "1")
 def train(cache: Path, out: Path, task: str, head: str, *extra: str) -> dict:
     sizes = CMA_SMALL if head == "cma_clip" else ()
     argv = ["--features", str(cache), "--task", task, "--head", head, "--out", str(out)]
-    assert train_main([*argv, *FAST, *sizes, *extra]) == 0
+    train_head(train_cli.parse_request([*argv, *FAST, *sizes, *extra]))
     return torch.load(out, map_location="cpu", weights_only=True)
 
 
@@ -150,8 +154,8 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path: Path, capsys) -> None:
     data = make_dataset(tmp_path / "d", "task1", 20)
     broken = read_annotations(data.tsv["train"]).posts[2]
     (data.image_root / broken.image).write_bytes(b"not an image at all")
-    with pytest.raises(RuntimeError):
-        cache_dataset(data, tmp_path / "c1", "--no-tokens")
+    argv = [*data.split_args(), "--image-root", str(data.image_root), *TINY_ENCODER_ARGS]
+    assert cache_main([*argv, "--no-tokens", "--out", str(tmp_path / "c1")]) == 2
     err = capsys.readouterr().err
     assert f"task1_train.tsv:{broken.line}: image {broken.image!r}" in err
     assert "--skip-unreadable" in err
@@ -287,7 +291,7 @@ def hf_folder_cache(
     encoders = f"hf:{folder / 'clip'}"
     data, _ = task1
     argv = [*data.split_args(), "--image-root", str(data.image_root), "--encoders", encoders]
-    assert cache_main([*argv, "--out", str(folder / "cache")]) == 0
+    cache_features(cache_cli.parse_request([*argv, "--out", str(folder / "cache")]))
     return encoders, folder / "cache"
 
 
@@ -299,14 +303,16 @@ def test_exported_head_file_scores_as_trained(
     graph gives the test accuracy the training reported, with and without images."""
     import onnxruntime as ort
 
-    from crisis_triton.export.command import main as export_main
+    from crisis_triton.export.pipeline import export_repository
+    from crisis_triton.export.request import ExportRequest
+    from crisis_triton.models.weights import WeightsSource
 
     encoders, cache = hf_folder_cache
     saved = train(cache, tmp_path / "head.pt", "task1", head, "--modality-dropout", "0.3")
     metrics = saved["crisis_head"]["metrics"]
     repo = tmp_path / "repo"
-    assert export_main(["--encoders", encoders, "--head-weights", f"task1={tmp_path / 'head.pt'}",
-                        "--out", str(repo)]) == 0  # fmt: skip
+    weights = WeightsSource(encoders=encoders, head_weights={"task1": tmp_path / "head.pt"})
+    assert export_repository(ExportRequest(out=repo, weights=weights)).passed
     session = ort.InferenceSession(
         str(repo / "fusion_head" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
     )

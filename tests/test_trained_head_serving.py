@@ -17,7 +17,8 @@ from crisis_triton.contract.names import MODALITIES_USED, modality_weights_name,
 from crisis_triton.models.weights import LoadedModels
 from tests.conftest import run_export
 from tests.crisis_data import TINY_ENCODER_ARGS
-from tests.test_cma_clip_serving import ATOL, assert_close, make_image, names_of, serve, served
+from tests.serving import serve_repository
+from tests.test_cma_clip_serving import ATOL, assert_close, make_image, names_of, served
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Head files of train/train_head.py, trained on a CrisisMMD-shaped data set
     (tests/crisis_data.py) cached with the tiny random encoders of TINY_ENCODER_ARGS: a cma_clip
     head, and the paper's guided_ca_diff head trained with modality dropout 0.3."""
-    from crisis_triton.train.train_head import main
+    from crisis_triton.train.train_head import parse_request
+    from crisis_triton.train.training import train_head
     from tests.crisis_data import cache_dataset, make_dataset
 
     folder = tmp_path_factory.mktemp("trained")
@@ -37,8 +39,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files = {}
     for name, extra in runs.items():
         files[name] = folder / f"{name}.pt"
-        assert main(["--features", str(cache), "--task", "task1", "--out", str(files[name]),
-                     "--epochs", "4", "--patience", "2", *extra]) == 0  # fmt: skip
+        train_head(parse_request(["--features", str(cache), "--task", "task1",
+                                  "--out", str(files[name]), "--epochs", "4", "--patience", "2",
+                                  *extra]))  # fmt: skip
     return files
 
 
@@ -68,7 +71,7 @@ def test_trained_cma_clip_head_served_equals_its_pytorch_forward(
     pre = Preprocessor(PreprocessSpec(image_optional=True))
     names = names_of(("task1",), weights=True)
     posts = [(make_image(31), "flood water collapsed bridge"), (None, "volunteers donate food")]
-    with serve(tmp_path / "repo") as srv:
+    with serve_repository(tmp_path / "repo") as srv:
         for image, text in posts:
             got = served(srv.url_http, image, text, names)
             p = pre.encode([image], [text])
@@ -100,7 +103,7 @@ def test_paper_head_trained_with_modality_dropout_answers_text_only(
     pre = Preprocessor(PreprocessSpec(image_optional=True))
     posts = [(make_image(21), "Bridge collapsed"), (None, "Bridge collapsed"), (None, "")]
     names = [probs_name("task1"), MODALITIES_USED]
-    with serve(tmp_path / "repo") as srv:
+    with serve_repository(tmp_path / "repo") as srv:
         for image, text in posts:
             got = served(srv.url_http, image, text, names)
             p = pre.encode([image], [text])

@@ -21,8 +21,9 @@ from crisis_triton.precision.gate import Chain
 from crisis_triton.preprocess.posts import Preprocessor
 from crisis_triton.repository.config import parse_pbtxt
 from crisis_triton.repository.writer import read_preprocess_spec, served_version
-from crisis_triton.serving.server import EmbeddedServer, free_port, shm_warning
+from crisis_triton.serving.server import shm_warning
 from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
+from tests.serving import serve_repository
 
 TASKS = ("task1", "task2", "task3")
 SPECS = build_specs(load_encoder_config("hf-clip-tiny"), TASKS)
@@ -67,10 +68,9 @@ def test_live_switch_under_load_fails_nothing_and_mixes_nothing(
 ) -> None:
     grpc = pytest.importorskip("tritonclient.grpc")
     repo = shutil.copytree(v1_repo, tmp_path / "live")
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     answers: list[tuple[float, np.ndarray | str]] = []
     stop = threading.Event()
-    with EmbeddedServer(repo, timeout=240, poll_seconds=1, **ports) as server:
+    with serve_repository(repo, poll_seconds=1) as server:
 
         def steady() -> None:
             while not stop.is_set():

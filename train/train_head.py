@@ -2,7 +2,18 @@
 
 The code is crisis_triton.train.train_head (docs/architecture.md)."""
 
-from crisis_triton.train.train_head import main
+import sys
+
+try:
+    from crisis_triton.train.train_head import main
+except ModuleNotFoundError as exc:  # a checkout, with a Python the project is not installed for
+    if exc.name != "crisis_triton":
+        raise
+    sys.exit(
+        f"train_head.py: the crisis-triton project is not installed for this Python "
+        f"({sys.executable}): "
+        "run `pip install -e '.[export]'` in the repository root"
+    )
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,24 +1,8 @@
 """A burst of large posts beside small ones (issue 18): no 500, every post answered in the end.
 
-    python benchmarks/burst.py --url 127.0.0.1:8000 [--clients 32] [--large-bytes N]
-    python benchmarks/burst.py --serve REPO [-- SERVE_FLAGS]  # serve.py --front on REPO first
-
-`--clients` threads, each with its own connection (the project's client, `CrisisClient`; HTTP,
-or gRPC with `--protocol grpc`: one channel, a stream per request),
-each sending `--large-each` valid photos of just under `--large-bytes` (default: the served
-repository's max_image_bytes, read with `--preprocess-json`, else 5 MiB) and `--small-each`
-small posts between them. Every answer is counted as it comes: 200, an overload answer the
-client retries (429/503, gRPC UNAVAILABLE), or an error. It passes when no answer was a 500 (or
-any other error) and every post got its probabilities, retries included.
-
-`--serve REPO` starts `deploy/serve.py --front` on REPO (free ports; more serve.py flags after
-`--`), bursts it, and adds to the result what /dev/shm holds afterwards and whether the server is
-still ready; run it in a mount namespace with a small /dev/shm to see the front's limit at work
-(`unshare -m sh -c 'mount -t tmpfs -o size=256m tmpfs /dev/shm && python benchmarks/burst.py
---serve REPO'`, as root; tests/test_sizing.py does).
-
-The photos are PNGs of random pixels (incompressible, so the bytes are real pixels the server
-decodes), sized to the byte.
+`run_burst` sends them from many clients to a served URL and counts every answer; `serve_and_burst`
+first starts serve.py --front on a repository. Options, pass criteria and how to see the front's
+/dev/shm limit at work: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -226,6 +210,52 @@ def serve_and_burst(repo: Path, serve_flags: Sequence[str], **burst: Any) -> Bur
     return result
 
 
+@dataclass(frozen=True)
+class BurstPlan:
+    """Every option of `benchmarks/burst.py`, typed: where to burst (`url`, or `serve` a
+    repository first, with `serve_flags`) and the burst's shape. `large_bytes` None: the served
+    max_image_bytes - 1024 (`preprocess_json`, else the served repository's, else the default);
+    `json_out`: also write the result there."""
+
+    url: str | None = None
+    serve: Path | None = None
+    serve_flags: tuple[str, ...] = ()
+    protocol: str = "http"
+    clients: int = 32
+    large_each: int = 2
+    small_each: int = 2
+    large_bytes: int | None = None
+    preprocess_json: Path | None = None
+    json_out: Path | None = None
+
+    def photo_bytes(self) -> int:
+        """The size of the large photos."""
+        limits = self.preprocess_json
+        if self.serve and limits is None:
+            limits = next(iter(sorted(self.serve.glob("*/[0-9]*/preprocess.json"))), None)
+        limit = DEFAULT_LARGE_BYTES
+        if limits:
+            limit = int(json.loads(limits.read_text())["max_image_bytes"])
+        return self.large_bytes or limit - 1024
+
+
+def run_burst_plan(plan: BurstPlan) -> BurstResult:
+    """The plan's burst, on `url` or on serve.py --front over `serve`; the result also written to
+    `plan.json_out` when given."""
+    if (plan.url is None) == (plan.serve is None):
+        raise ValueError("a burst goes to one of url or serve")
+    shape = {"clients": plan.clients, "large_each": plan.large_each}
+    shape |= {"small_each": plan.small_each, "large_bytes": plan.photo_bytes()}
+    if plan.serve:
+        result = serve_and_burst(plan.serve, plan.serve_flags, **shape, protocol=plan.protocol)
+    else:
+        assert plan.url is not None
+        result = run_burst(plan.url, **shape, protocol=plan.protocol)
+    if plan.json_out:
+        plan.json_out.write_text(json.dumps(result.as_json(), indent=2) + "\n")
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
@@ -243,27 +273,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     serve_flags = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    limits = args.preprocess_json
-    if args.serve and limits is None:
-        limits = next(iter(sorted(args.serve.glob("*/[0-9]*/preprocess.json"))), None)
-    limit = DEFAULT_LARGE_BYTES
-    if limits:
-        limit = int(json.loads(limits.read_text())["max_image_bytes"])
-    burst = {
-        "clients": args.clients,
-        "large_each": args.large_each,
-        "small_each": args.small_each,
-        "large_bytes": args.large_bytes or limit - 1024,
-        "protocol": args.protocol,
-    }
-    if args.serve:
-        result = serve_and_burst(args.serve, serve_flags, **burst)
-    else:
-        result = run_burst(args.url, **burst)
-    text = json.dumps(result.as_json(), indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    plan = BurstPlan(
+        url=args.url,
+        serve=args.serve,
+        serve_flags=tuple(serve_flags),
+        protocol=args.protocol,
+        clients=args.clients,
+        large_each=args.large_each,
+        small_each=args.small_each,
+        large_bytes=args.large_bytes,
+        preprocess_json=args.preprocess_json,
+        json_out=args.json,
+    )
+    result = run_burst_plan(plan)
+    print(json.dumps(result.as_json(), indent=2))
     return 0 if result.passed else 1
 
 

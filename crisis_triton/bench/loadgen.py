@@ -291,7 +291,8 @@ def closed_loop(
 def start(repo: Path, log_file: Path, timeout: float = 900.0, **options: Any) -> Any:
     """The embedded tritonserver (nvidia-pytriton) on `repo`, on free ports, started and ready;
     `options`: more EmbeddedServer arguments (cache_mb)."""
-    from crisis_triton.serving.server import EmbeddedServer, free_port
+    from crisis_triton.serving.net import free_port
+    from crisis_triton.serving.server import EmbeddedServer
 
     ports = {name: free_port() for name in ("http_port", "grpc_port", "metrics_port")}
     return EmbeddedServer(repo, log_file=log_file, timeout=timeout, **ports, **options).start()

@@ -1,29 +1,9 @@
 """Open-loop load on the Triton ensemble: Poisson arrivals at an offered rate, sent on schedule.
 
-The closed loop (loadgen.closed_loop) sends a worker's next request when its previous one returns,
-so a slow server slows the load down and its queueing never shows ("coordinated omission"). Here
-the arrival times are fixed in advance: exponential gaps of mean 1/R (a Poisson process at R
-requests/s, seeded, so a rerun offers the very same schedule) over `duration_s`, and each request
-is issued at its scheduled time whether or not earlier ones have returned.
-
-- gRPC: one client, `async_infer` with a callback. The sender thread sleeps until the next
-  scheduled time and issues the call (serialising the request is all it waits for); gRPC
-  multiplexes any number of calls in flight on its channel and runs the callbacks on its own
-  threads.
-- HTTP: `tritonclient.http` is gevent-based (a client belongs to the thread that made it, and its
-  `async_infer` only progresses while that thread yields to gevent). So a dedicated thread runs a
-  gevent loop: the sender greenlet sleeps with `gevent.sleep` until the next scheduled time and
-  spawns one greenlet per request on a client with `max_connections` pooled connections. A
-  request waiting for a free connection has not been sent: it takes its "sent" time once it holds
-  one, so the wait counts as lateness.
-
-Latency is measured from the *scheduled* time to the answer, so a late send (the sender or the
-client's CPU behind) counts in it; a request is *late* when it actually went out more than
-`late_ms` after its scheduled time, and the row counts those. Failed: error answers, and requests
-without an answer after loadgen.TIMEOUT_S. Throughput: successful answers / wall time from the
-first scheduled send to the last answer. Before measuring, a warm-up at the same rate (discarded)
-brings the connections, sessions and dynamic batching to their steady state; the server-side split
-comes from statistics deltas around the measured schedule, as in the closed loop.
+Arrival times are fixed in advance (seeded), each request goes out at its scheduled time whether
+or not earlier ones returned, and latency runs from the scheduled time, so a server's queueing
+shows. gRPC: `async_infer` from a sender thread; HTTP: a gevent loop in its own thread. The
+method, lateness and failures: docs/benchmarks.md.
 """
 
 from __future__ import annotations

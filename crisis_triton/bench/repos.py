@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,14 +143,21 @@ def export(choice: ModelChoice, cache: Path, dep: Deployment, log: Path) -> tupl
     if _stamp_ok(repo, stamp):
         read_deployment(repo).write(repo, dep)
         return repo, True
-    from crisis_triton.export.command import main as export_main
+    from crisis_triton.export.cli import parse_request
+    from crisis_triton.export.pipeline import export_repository
+    from crisis_triton.models.weights import UsageError
 
     shutil.rmtree(repo, ignore_errors=True)
     repo.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as handle, contextlib.redirect_stdout(handle):
         with contextlib.redirect_stderr(handle):
-            code = export_main(choice.export_args(repo, dep))
+            try:
+                request = parse_request(choice.export_args(repo, dep))
+                code = 0 if export_repository(request).passed else 1
+            except UsageError as exc:
+                print(f"export.py: error: {exc}", file=sys.stderr)
+                code = 2
     if code != 0:
         raise RuntimeError(f"export failed (exit {code}); see {log}")
     (repo / STAMP).write_text(json.dumps(stamp) + "\n")

@@ -1,6 +1,8 @@
-"""Client of the crisis-post classifier served by Triton (library: `triton_client`)."""
+"""Client of the crisis-post classifier served by Triton: the library (`CrisisClient`, its results
+and errors; every name also imports from `crisis_triton.client.triton_client`) and the
+`crisis-classify` command (`classify`)."""
 
-from crisis_triton.client.triton_client import (
+from crisis_triton.client.triton_client import (  # one module per concern, re-exported there
     AccessDeniedError,
     CertificateError,
     ClassScore,

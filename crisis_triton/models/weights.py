@@ -22,8 +22,9 @@ Example::
     source = WeightsSource(random_weights=True, size="tiny", tasks=("task1", "task2"))
     encoders, heads, provenance = load_models(source)
 
-``WeightsSource.from_args(build_parser().parse_args(argv))`` reads the options of export.py.
-PyTorch is imported by :func:`load_models` only, so this module is cheap to import.
+:func:`add_weights_options` adds the command-line options that name a source (export's and
+train's parsers share them); ``WeightsSource.from_args(namespace)`` reads them back. PyTorch is
+imported by :func:`load_models` only, so this module is cheap to import.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ HEAD_FILE_KEY = "crisis_head"
 class UsageError(Exception):
     """Bad arguments or inputs of the export (export.py exits with status 2 on it).
 
-    Defined here, where loading the weights raises it; ``crisis_triton.export.command.UsageError``
-    is this class.
+    Defined here, where loading the weights raises it; the export's library and commands raise
+    this very class.
     """
 
 
@@ -105,22 +106,129 @@ class WeightsSource:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WeightsSource:
-        """The source that export.py's parsed arguments (``build_parser()``) name.
+        """The source that the options of :func:`add_weights_options` name (options a parser
+        left out keep this class's defaults).
 
         Raises:
             UsageError: a ``--checkpoint`` / ``--head-weights`` that is not TASK=PATH of a known
                 task, or names a task twice.
         """
+        tasks = getattr(args, "tasks", None)
         return cls(
-            checkpoints=_task_paths(args.checkpoint, "--checkpoint"),
-            head_weights=_task_paths(args.head_weights, "--head-weights"),
-            encoders=args.encoders,
-            head=args.head,
-            random_weights=args.random_weights,
-            size=args.size,
-            tasks=tuple(args.tasks.split(",")) if args.tasks else None,
-            seed=args.seed,
+            checkpoints=_task_paths(getattr(args, "checkpoint", None) or [], "--checkpoint"),
+            head_weights=_task_paths(getattr(args, "head_weights", None) or [], "--head-weights"),
+            encoders=getattr(args, "encoders", cls.encoders),
+            head=getattr(args, "head", None),
+            random_weights=getattr(args, "random_weights", False),
+            size=getattr(args, "size", None),
+            tasks=tuple(tasks.split(",")) if tasks else None,
+            seed=getattr(args, "seed", 0),
         )
+
+
+# The dests of add_weights_options, in the order export.py's --help lists them.
+WEIGHTS_OPTIONS = (
+    "checkpoint",
+    "head_weights",
+    "encoders",
+    "head",
+    "random_weights",
+    "size",
+    "tasks",
+    "seed",
+)
+# The options that choose the encoders alone (train's feature cache: the export pairs head files
+# with --encoders, never with checkpoints).
+ENCODER_OPTIONS = ("encoders", "random_weights", "size", "seed")
+
+
+def add_weights_options(
+    parser: argparse.ArgumentParser,
+    options: Sequence[str] = WEIGHTS_OPTIONS,
+    title: str = "weights",
+) -> None:
+    """Add the command-line options of a :class:`WeightsSource` (those of `options`, export.py's
+    names and meanings) to `parser`, in a group called `title`."""
+    unknown = set(options) - set(WEIGHTS_OPTIONS)
+    if unknown:
+        raise ValueError(f"not weights options: {sorted(unknown)}")
+    group = parser.add_argument_group(title)
+    definitions: dict[str, tuple[tuple[str, ...], dict]] = {
+        "checkpoint": (
+            ("--checkpoint",),
+            dict(
+                action="append",
+                default=[],
+                metavar="TASK=PATH",
+                help="research checkpoint (best.pt) of one task; repeatable. The encoders then "
+                "come from the checkpoints. e.g. --checkpoint task1=runs/t1/best.pt",
+            ),
+        ),
+        "head_weights": (
+            ("--head-weights",),
+            dict(
+                action="append",
+                default=[],
+                metavar="TASK=PATH",
+                help="head weights of one task, repeatable: a file of train/train_head.py (any "
+                "head; exported only beside the encoders it was trained on) or a plain research "
+                "state_dict without the encoders. Beside pretrained --encoders, or "
+                "--random-weights encoders (tests, demos)",
+            ),
+        ),
+        "encoders": (
+            ("--encoders",),
+            dict(
+                default=WeightsSource.encoders,
+                help="hf:HUB_NAME | hf:LOCAL_FOLDER | openclip:MODEL:TAG_OR_FILE "
+                "(default: %(default)s). With --checkpoint only the architecture is used.",
+            ),
+        ),
+        "head": (
+            ("--head",),
+            dict(
+                choices=HEAD_TYPES,
+                default=None,
+                help="head: the paper's guided_ca_diff or guided_ca, or cma_clip (token "
+                "sequences, sequence- and modality-wise attention; answers posts without an "
+                "image; --head-weights from train/train_head.py or --random-weights; fp32 only). "
+                "Default: what the checkpoint or head file holds, else guided_ca_diff",
+            ),
+        ),
+        "random_weights": (
+            ("--random-weights",),
+            dict(
+                action="store_true",
+                help="random encoders and heads (tests, offline demos): predictions are "
+                "meaningless and the output says so",
+            ),
+        ),
+        "size": (
+            ("--size",),
+            dict(
+                choices=("base", "tiny"),
+                default=None,
+                help="with --random-weights: base = real ViT-B/32 dims (default), tiny = a "
+                "small config of the same architecture",
+            ),
+        ),
+        "tasks": (
+            ("--tasks",),
+            dict(
+                default=None,
+                help=f"comma list of tasks to serve with --random-weights "
+                f"(default {','.join(DEFAULT_TASKS)}; also task2_full)",
+            ),
+        ),
+        "seed": (
+            ("--seed",),
+            dict(type=int, default=0, help="seed of --random-weights (default 0)"),
+        ),
+    }
+    for dest in WEIGHTS_OPTIONS:
+        if dest in options:
+            flags, kwargs = definitions[dest]
+            group.add_argument(*flags, **kwargs)
 
 
 @dataclass

@@ -3,18 +3,10 @@
     python3 deploy/engine_check.py --model-repository /models
     python3 deploy/engine_check.py -- tritonserver --model-repository=/models ...   (then execs it)
 
-A serialized TensorRT engine runs only under the TensorRT version that built it and on the GPU
-(compute capability, and by NVIDIA's rule the same GPU model) it was tuned on. Triton itself
-reports a mismatch as a deserialization failure deep in its log; this check reads the build facts
-that `export/build_engines.py` writes next to every engine (`model.plan.json`) and names what
-differs. The gpu image runs it as its entrypoint, in front of `tritonserver`; after a successful
-check it replaces itself with the command (exec), so signals go straight to the server.
-
-Standard library only: it runs in NVIDIA's Triton image, whose Python has no project packages.
-The GPUs are read with `nvidia-smi`; the TensorRT version from `libnvinfer.so.<major>`
-(`getInferLibVersion`) or, where installed, the `tensorrt` Python package.
-
-Exit 0 when every engine fits (or there is none), 78 (EX_CONFIG) with the problems otherwise.
+Compares each engine's build facts (``model.plan.json``, written by the engine build) with this
+machine's GPUs (``nvidia-smi``) and TensorRT; the gpu image's entrypoint (docs/gpu.md). Standard
+library only: it runs in NVIDIA's Triton image. Exit 0 when every engine fits (or there is none),
+78 (EX_CONFIG) with the problems otherwise.
 """
 
 from __future__ import annotations

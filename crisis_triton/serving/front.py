@@ -1,37 +1,15 @@
-"""The front of the embedded tritonserver: Debian's nginx, with TLS or without, and limits.
+"""The nginx front of the embedded tritonserver (``serve.py --front`` / ``--tls-cert``).
 
-``serve.py --tls-cert CRT --tls-key KEY`` (or ``--front``, the same without TLS) keeps the public
-HTTP and gRPC ports but has nginx answer them: HTTPS and gRPC over TLS (HTTP/2), or plain HTTP
-and h2c gRPC. tritonserver itself listens on loopback-only ports behind it. nginx adds what Triton
-lacks (docs/security.md):
-
-- a request-body cap derived from the repository's own limits (:func:`body_cap`): a larger body
-  gets 413 (gRPC: INVALID_ARGUMENT), and Triton never runs it (docs/security.md: HTTP bodies
-  are buffered whole by nginx; gRPC streams, cut at the cap);
-- only the public model (``crisis_classifier``: its inference, metadata, config, statistics and
-  readiness), the health endpoints and Triton's restricted APIs (which need the admin key) are
-  reachable; the composing models answer 404 (gRPC NOT_FOUND) and stay callable on loopback;
-- the request checks of ``crisis_triton/serving/front_guard.lua`` (nginx's Lua module): compressed
-bodies
-  refused (415; gRPC UNIMPLEMENTED), a deadline for a whole body, the JSON of HTTP requests
-  parsed with a nesting limit and checked (400 where Triton would crash or answer 500), the
-  model named in every gRPC message checked;
-- a limit of requests in flight (:data:`MAX_CONNECTIONS`), counting only requests whose body
-  has arrived: one more gets 503 (gRPC: UNAVAILABLE), which clients retry, never a 500; so does
-  a request while tritonserver cannot be reached (nginx's 502); and a limit of requests per
-  client address, counted from their headers (:data:`MAX_CONNECTIONS_PER_CLIENT`: 429, gRPC
-  RESOURCE_EXHAUSTED), so that slow clients hold their own slots only;
-- timeouts for slow clients, and upstream read timeouts sized for inference.
-
-Every number is a named constant below; :func:`front_limits` says what a configuration needs
-(the container's /dev/shm is sized from it). :class:`FrontConfig` renders the nginx
-configuration, :class:`NginxFront` runs ``nginx -p PREFIX -c CONF -g 'daemon off;'`` in a
-temporary prefix (pid, logs, body buffers) and stops it gracefully.
+nginx answers the public HTTP and gRPC ports (with TLS or without) and adds what Triton lacks: a
+request-body cap from the repository's limits, only the public model reachable, the request
+checks of ``front_guard.lua``, limits of requests in flight and per client, timeouts for slow
+clients; tritonserver listens on loopback behind it. :class:`FrontConfig` renders the nginx
+configuration, :class:`NginxFront` runs and stops nginx. What each limit does and why:
+docs/security.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -48,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from crisis_triton.serving.processes import stop_group
 from crisis_triton.serving.server_log import tail, tee
 from crisis_triton.serving.sizing import (
     MAX_CONNECTIONS,
@@ -766,17 +745,7 @@ class NginxFront:
         ``keep`` (its error log then stays for the error message)."""
         proc = self._proc
         if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGQUIT)
-                try:
-                    proc.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # workers left by a killed master
+            stop_group(proc, signal.SIGQUIT, grace)  # and the workers left by a killed master
             if self._tee_thread is not None:
                 self._tee_thread.join(5.0)
             self.returncode = proc.returncode

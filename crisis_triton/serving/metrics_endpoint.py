@@ -1,14 +1,8 @@
 """serve.py's public metrics port: Triton's /metrics, then serve.py's own series.
 
-Triton's metrics port is Triton's own: it closes when tritonserver dies and opens again with the
-restarted server, and the supervisor's counters (crisis_triton/serving/supervisor.py: restarts,
-stub deaths)
-must outlive both. So serve.py listens on ``--address:--metrics-port`` itself (a stdlib
-ThreadingHTTPServer), runs tritonserver's metrics on a loopback port, and answers
-``GET /metrics`` with Triton's text (fetched with a short timeout) followed by its own series;
-while tritonserver is down, with its own series only (``crisis_triton_up 0`` among them).
-Everything else on the port is 404. Prometheus, the alert rules and the dashboards read the same
-series on the same port as before (deploy/prometheus.yml, docs/monitoring.md).
+Triton's metrics port closes when tritonserver dies, but the supervisor's counters must outlive
+it: serve.py answers ``--address:--metrics-port`` itself and fetches Triton's text from a
+loopback port (its own series only while tritonserver is down). docs/monitoring.md.
 """
 
 from __future__ import annotations

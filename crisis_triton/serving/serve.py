@@ -1,24 +1,10 @@
-"""Serve a model repository with the tritonserver of nvidia-pytriton (python backend, CPU).
+"""The ``crisis-serve`` command (``python deploy/serve.py``): serve a model repository.
 
-    python deploy/serve.py --model-repository model_repository
-
-Checks the repository (exit 2 if the embedded server cannot serve it), starts tritonserver,
-prints one line once the model is ready, then serves until Ctrl-C or SIGTERM and shuts the
-server down cleanly (exit 0). A start-up failure prints the failed model's error (exit 1).
-
-    python deploy/serve.py --model-repository DIR --address 0.0.0.0 --tls-cert CRT --tls-key KEY
-
-serves the same ports through nginx (crisis_triton/serving/front.py): HTTPS and gRPC over TLS, only
-the public
-model, a request-body cap from the repository's limits, the request checks of front_guard.lua,
-limits of requests in flight and per client; tritonserver listens on loopback behind it.
-``--front``: the same front without TLS. Without either, the address must be loopback unless
-``--no-front`` (docs/security.md). A crashed tritonserver, or one whose python stub died, is
-restarted within a budget (``--max-restarts``; crisis_triton/serving/supervisor.py,
-docs/reliability.md). Triton's repository, shared-memory, logging
-and trace APIs answer only requests carrying the admin key (``--admin-key``, ``--admin-key-file``,
-else one generated and printed once to stderr). ``-- FLAGS`` passes more flags to tritonserver,
-except those the launcher sets (listed by ``--help``). docs/security.md.
+:func:`serve` runs a :class:`ServeRequest`: it checks the repository and /dev/shm, starts the
+embedded tritonserver (behind the nginx front when asked), prints one line once the model is
+ready and serves until SIGINT/SIGTERM, restarting a crashed server within a budget; it returns
+the exit status. :func:`main` parses and checks the flags (exit 2) and calls it. The options:
+``serve.py --help``; the front and the admin key: docs/security.md; healing: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -29,9 +15,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from crisis_triton.cli_types import mebibytes, positive_int
 from crisis_triton.serving.front import (
     BODY_DEADLINE_S,
     MAX_CONNECTIONS,
@@ -45,6 +33,7 @@ from crisis_triton.serving.front import (
 )
 from crisis_triton.serving.metrics_endpoint import MetricsEndpoint
 from crisis_triton.serving.net import client_host, free_port, is_loopback, port_in_use
+from crisis_triton.serving.repository_check import RepositoryError, check_repository
 from crisis_triton.serving.server import (
     ADMIN_KEY_HEADER,
     DEFAULT_CACHE_MB,
@@ -55,16 +44,13 @@ from crisis_triton.serving.server import (
     RESTRICTED_APIS,
     STOP_TIMEOUT,
     EmbeddedServer,
-    RepositoryError,
-    ServerStartError,
-    TritonNotFoundError,
     admin_metadata,
     check_admin_key,
-    check_repository,
     new_admin_key,
     refused_extra_args,
     refused_flags,
 )
+from crisis_triton.serving.server_log import ServerStartError
 from crisis_triton.serving.sizing import SizingError, plan, read_sizing, shm_total
 from crisis_triton.serving.supervisor import (
     MAX_RESTARTS,
@@ -76,8 +62,98 @@ from crisis_triton.serving.supervisor import (
     Supervisor,
     max_restarts_from,
 )
+from crisis_triton.serving.tritonserver_install import TritonNotFoundError
 
 PROG = "serve.py"
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """What ``serve.py`` serves, and how: one field per option (the same defaults).
+
+    ``admin_key``: the operator key of the restricted APIs; None: a random one, printed once to
+    stderr. ``front``: the nginx front without TLS; ``tls_cert`` and ``tls_key``: with TLS.
+    ``triton_args``: more tritonserver flags (REFUSED_FLAGS refused).
+    """
+
+    model_repository: Path
+    address: str = "127.0.0.1"
+    http_port: int = HTTP_PORT
+    grpc_port: int = GRPC_PORT
+    metrics_port: int = METRICS_PORT
+    model: str = DEFAULT_MODEL
+    timeout: float = 300.0
+    log_file: Path | None = None
+    poll_seconds: int | None = None
+    cache_mb: int | None = None
+    max_restarts: int | None = None
+    echo_log: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    front: bool = False
+    max_body_bytes: int | None = None
+    max_connections: int | None = None
+    max_connections_per_client: int | None = None
+    body_deadline: int | None = None
+    no_front: bool = False
+    admin_key: str | None = None
+    triton_args: tuple[str, ...] = ()
+
+    @property
+    def front_on(self) -> bool:
+        """Whether nginx fronts tritonserver (``--front`` or ``--tls-cert``)."""
+        return bool(self.front or self.tls_cert is not None)
+
+
+def request_error(request: ServeRequest) -> str | None:
+    """Why ``request`` cannot be served as asked (``serve.py`` exits 2 with it), or None."""
+    return (
+        _front_error(request) or _triton_args_error(request) or _admin_key_error(request.admin_key)
+    )
+
+
+def _front_error(request: ServeRequest) -> str | None:
+    """The front's flags: TLS files, limits without a front, a public address without one."""
+    if (request.tls_cert is None) != (request.tls_key is None):
+        return "--tls-cert and --tls-key go together"
+    for path in (request.tls_cert, request.tls_key):
+        if path is not None and not path.is_file():
+            return f"TLS file {path} does not exist"
+    if not request.front_on:
+        for flag, value in (("--max-body-bytes", request.max_body_bytes),
+                            ("--max-connections", request.max_connections),
+                            ("--max-connections-per-client", request.max_connections_per_client),
+                            ("--body-deadline", request.body_deadline)):  # fmt: skip
+            if value is not None:
+                return f"{flag} is a limit of the front: add --front or --tls-cert"
+        if not is_loopback(request.address) and not request.no_front:
+            return (
+                f"--address {request.address or repr('')} without the front would expose "
+                "tritonserver itself (no body cap, no request checks, every model public): add "
+                "--front or --tls-cert, or --no-front to do it knowingly (docs/security.md)"
+            )
+    elif request.no_front:
+        return "--no-front contradicts --front / --tls-cert"
+    return None
+
+
+def _triton_args_error(request: ServeRequest) -> str | None:
+    refused = refused_extra_args(request.triton_args)
+    if not refused:
+        return None
+    return "these tritonserver flags cannot be passed through: " + "; ".join(
+        f"{name}: {why}" for name, why in refused.items()
+    )
+
+
+def _admin_key_error(key: str | None) -> str | None:
+    if key is None:
+        return None
+    try:
+        check_admin_key(key)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 class _Shutdown(Exception):
@@ -89,26 +165,6 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Shutdown(signum)
-
-
-def _mebibytes(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size in MiB (an integer >= 0), not {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a positive integer, not {text!r}")
-    return value
 
 
 def _refused_flags_help() -> str:
@@ -154,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-mb",
-        type=_mebibytes,
+        type=mebibytes,
         default=None,
         metavar="N",
         help="size in MiB of Triton's local response cache (docs/cache.md); 0: none. Default: "
@@ -163,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-restarts",
-        type=_mebibytes,
+        type=mebibytes,
         default=None,
         metavar="N",
         help="restarts of a crashed tritonserver or of one with a dead python stub allowed "
@@ -190,20 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     front.add_argument(
         "--max-body-bytes",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="the front's request-body cap (default: from the repository's preprocess.json, "
         "one post per request)",
     )
     front.add_argument(
         "--max-connections",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help=f"requests in flight at once through the front; one more gets 503 ({MAX_CONNECTIONS})",
     )
     front.add_argument(
         "--max-connections-per-client",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="requests at once from one client address, counted from their headers; one more "
         f"gets 429 ({MAX_CONNECTIONS_PER_CLIENT}; behind a proxy that hides client addresses, "
@@ -211,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     front.add_argument(
         "--body-deadline",
-        type=_positive,
+        type=positive_int,
         metavar="S",
         help=f"seconds a whole request body may take to arrive; a slower one is cut with 408 "
         f"({BODY_DEADLINE_S})",
@@ -248,49 +304,16 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
-def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> str:
-    """Flag combinations argparse cannot check (exit 2 with the reason); the admin key."""
-    if (args.tls_cert is None) != (args.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
-    for path in (args.tls_cert, args.tls_key):
-        if path is not None and not path.is_file():
-            parser.error(f"TLS file {path} does not exist")
-    if not _front_on(args):
-        for flag, value in (("--max-body-bytes", args.max_body_bytes),
-                            ("--max-connections", args.max_connections),
-                            ("--max-connections-per-client", args.max_connections_per_client),
-                            ("--body-deadline", args.body_deadline)):  # fmt: skip
-            if value is not None:
-                parser.error(f"{flag} is a limit of the front: add --front or --tls-cert")
-        if not is_loopback(args.address) and not args.no_front:
-            parser.error(
-                f"--address {args.address or repr('')} without the front would expose tritonserver "
-                "itself (no body cap, no request checks, every model public): add --front or "
-                "--tls-cert, or --no-front to do it knowingly (docs/security.md)"
-            )
-    elif args.no_front:
-        parser.error("--no-front contradicts --front / --tls-cert")
-    if args.triton_args and "--" not in argv:
-        parser.error(f"unrecognized arguments: {' '.join(args.triton_args)} (tritonserver "
-                     "flags go after `--`)")  # fmt: skip
-    refused = refused_extra_args(args.triton_args)
-    if refused:
-        parser.error(
-            "these tritonserver flags cannot be passed through: "
-            + "; ".join(f"{name}: {why}" for name, why in refused.items())
-        )
-    key = args.admin_key
-    if args.admin_key_file is not None:
-        try:
-            key = args.admin_key_file.read_text().strip()
-        except OSError as exc:
-            parser.error(f"--admin-key-file: {exc.strerror}: {args.admin_key_file}")
-    if key is None:
-        return new_admin_key()
-    try:
-        return check_admin_key(key)
-    except ValueError as exc:
-        parser.error(str(exc))
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+class _Refused(Exception):
+    """serve() gives up before serving: ``code`` is its exit status, the message is printed."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _free_port_but(taken: set[int]) -> int:
@@ -301,134 +324,151 @@ def _free_port_but(taken: set[int]) -> int:
     return port
 
 
-def _front_on(args: argparse.Namespace) -> bool:
-    return bool(args.front or args.tls_cert is not None)
+def _check_repository(request: ServeRequest) -> None:
+    """The repository can be served and has the model (exit 2), the project is installed (1)."""
+    try:
+        names = check_repository(request.model_repository)
+        if request.model not in names:
+            raise RepositoryError(
+                f"model '{request.model}' is not in {request.model_repository} "
+                f"(it has: {', '.join(names)})"
+            )
+    except RepositoryError as exc:
+        raise _Refused(2, str(exc)) from exc
+    except ImportError as exc:  # protobuf / tritonclient missing: wrong interpreter or venv
+        raise _Refused(
+            1, f"{exc} (Python: {sys.executable}); install the project: pip install -e '.[server]'"
+        ) from exc
+
+
+def _front_config(request: ServeRequest) -> FrontConfig | None:
+    """/dev/shm against what the repository's python models need (serving/sizing.py): the front's
+    requests in flight are lowered to what fits, a /dev/shm too small for one request refuses.
+    Then the front's configuration (None without a front)."""
+    try:
+        sizing = read_sizing(request.model_repository)
+        shm = plan(
+            sizing,
+            shm_total(),
+            front=request.front_on,
+            max_connections=request.max_connections,
+            body=request.max_body_bytes,
+        )
+    except SizingError as exc:
+        raise _Refused(2, str(exc)) from exc
+    if shm.warning is not None:
+        _warn(shm.warning)
+    if not request.front_on:
+        return None
+    try:
+        limits = front_limits(
+            request.model_repository,
+            max_body_bytes=request.max_body_bytes or sizing.body_cap,
+            max_connections=shm.in_flight or MAX_CONNECTIONS,
+            max_connections_per_client=request.max_connections_per_client
+            or MAX_CONNECTIONS_PER_CLIENT,
+            body_deadline_s=request.body_deadline or BODY_DEADLINE_S,
+        )
+    except (OSError, ValueError) as exc:
+        raise _Refused(2, f"cannot derive the front's body cap from {request.model_repository} "
+                       f"({exc}); give --max-body-bytes") from exc  # fmt: skip
+    try:
+        find_nginx()
+    except FrontError as exc:
+        raise _Refused(1, str(exc)) from exc
+    for port in (request.http_port, request.grpc_port):
+        if port_in_use(request.address, port):
+            raise _Refused(1, f"port {port} on {request.address or '0.0.0.0'} is already in use; "
+                           "choose other ports")  # fmt: skip
+    # Triton on loopback-only ports, behind the front (free now; Triton binds them next):
+    # two different ones, and neither a public port; and the front's loopback status page (its
+    # counters).
+    taken = {request.http_port, request.grpc_port, request.metrics_port}
+    upstream, other, status = (_free_port_but(taken) for _ in range(3))
+    try:
+        return FrontConfig(
+            request.address, request.http_port, request.grpc_port, upstream, other, limits,
+            request.tls_cert, request.tls_key, public_model=request.model, status_port=status,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise _Refused(2, str(exc)) from exc
+
+
+def _embedded_server(
+    request: ServeRequest, front_config: FrontConfig | None, admin_key: str
+) -> EmbeddedServer:
+    """tritonserver: on the public ports without a front, on loopback behind one; its metrics
+    on a loopback port of its own (serve.py answers the public metrics port itself,
+    serving/metrics_endpoint.py, with Triton's series and its own, across restarts)."""
+    in_use: set[int | None] = {request.http_port, request.grpc_port, request.metrics_port}
+    if front_config is not None:
+        in_use |= {front_config.upstream_http_port, front_config.upstream_grpc_port,
+                   front_config.status_port}  # fmt: skip
+    while (triton_metrics_port := free_port()) in in_use:
+        pass
+    cfg = front_config
+    return EmbeddedServer(
+        request.model_repository,
+        address=request.address if cfg is None else cfg.upstream_host,
+        http_port=request.http_port if cfg is None else cfg.upstream_http_port,
+        grpc_port=request.grpc_port if cfg is None else cfg.upstream_grpc_port,
+        metrics_port=triton_metrics_port,
+        metrics_address="127.0.0.1",
+        model=request.model,
+        log_file=request.log_file,
+        timeout=request.timeout,
+        echo_log=request.echo_log,
+        poll_seconds=request.poll_seconds,
+        cache_mb=request.cache_mb,
+        admin_key=admin_key,
+        extra_args=request.triton_args,
+    )
 
 
 def _ready_line(
-    args: argparse.Namespace, server: EmbeddedServer, front: NginxFront | None, metrics_url: str
+    request: ServeRequest, server: EmbeddedServer, front: NginxFront | None, metrics_url: str
 ) -> str:
     ready = f"(ready in {server.ready_seconds or 0.0:.1f} s)"
     metrics = f"metrics {metrics_url}"
     if front is None:
-        return f"{args.model} ready on http://{server.url_http} grpc {server.url_grpc} " + (
+        return f"{request.model} ready on http://{server.url_http} grpc {server.url_grpc} " + (
             f"{metrics} {ready}"
         )
-    host, cfg = client_host(args.address), front.config
+    host, cfg = client_host(request.address), front.config
     http, grpc = ("https://", "grpcs://") if cfg.tls else ("http://", "grpc ")
     return (
-        f"{args.model} ready on {http}{host}:{cfg.http_port} {grpc}{host}:{cfg.grpc_port} "
+        f"{request.model} ready on {http}{host}:{cfg.http_port} {grpc}{host}:{cfg.grpc_port} "
         f"{metrics} {ready[:-1]}; front: body cap {cfg.limits.max_body_bytes} bytes, "
         f"{cfg.limits.max_connections} requests in flight; every model on loopback: "
         f"http://{server.url_http} grpc {server.url_grpc})"
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    admin_key = _check_flags(parser, args, argv)
-    try:
-        names = check_repository(args.model_repository)
-        if args.model not in names:
-            raise RepositoryError(
-                f"model '{args.model}' is not in {args.model_repository} "
-                f"(it has: {', '.join(names)})"
-            )
-    except RepositoryError as exc:
-        _error(str(exc))
-        return 2
-    except ImportError as exc:  # protobuf / tritonclient missing: wrong interpreter or venv
-        _error(f"{exc} (Python: {sys.executable}); install the project: pip install -e '.[server]'")
-        return 1
+def serve(request: ServeRequest) -> int:
+    """Serve ``request`` until SIGINT or SIGTERM; the exit status of ``serve.py``.
 
-    # /dev/shm against what the repository's python models need (deploy/sizing.py): the front's
-    # requests in flight are lowered to what fits, a /dev/shm too small for one request refuses.
+    0: stopped by a signal, cleanly. 1: the server, the front or the project could not start,
+    the restart budget was spent or the front died. 2: the repository, /dev/shm or a limit
+    refuses. Each failure is one line on stderr. Installs SIGINT and SIGTERM handlers: call it
+    from the main thread. ValueError: ``request`` has a flag error (:func:`request_error`).
+    """
+    problem = request_error(request)
+    if problem is not None:
+        raise ValueError(problem)
+    admin_key = new_admin_key() if request.admin_key is None else request.admin_key
     try:
-        sizing = read_sizing(args.model_repository)
-        shm = plan(
-            sizing,
-            shm_total(),
-            front=_front_on(args),
-            max_connections=args.max_connections,
-            body=args.max_body_bytes,
-        )
-    except SizingError as exc:
-        _error(str(exc))
-        return 2
-    if shm.warning is not None:
-        print(f"{PROG}: warning: {shm.warning}", file=sys.stderr, flush=True)
-    front_config: FrontConfig | None = None
-    if _front_on(args):
-        try:
-            limits = front_limits(
-                args.model_repository,
-                max_body_bytes=args.max_body_bytes or sizing.body_cap,
-                max_connections=shm.in_flight or MAX_CONNECTIONS,
-                max_connections_per_client=args.max_connections_per_client
-                or MAX_CONNECTIONS_PER_CLIENT,
-                body_deadline_s=args.body_deadline or BODY_DEADLINE_S,
-            )
-        except (OSError, ValueError) as exc:
-            _error(f"cannot derive the front's body cap from {args.model_repository} ({exc}); "
-                   "give --max-body-bytes")  # fmt: skip
-            return 2
-        try:
-            find_nginx()
-        except FrontError as exc:
-            _error(str(exc))
-            return 1
-        for port in (args.http_port, args.grpc_port):
-            if port_in_use(args.address, port):
-                _error(f"port {port} on {args.address or '0.0.0.0'} is already in use; "
-                       "choose other ports")  # fmt: skip
-                return 1
-        # Triton on loopback-only ports, behind the front (free now; Triton binds them next):
-        # two different ones, and neither a public port.
-        # (and the front's loopback status page: its counters)
-        taken = {args.http_port, args.grpc_port, args.metrics_port}
-        upstream, other, status = (_free_port_but(taken) for _ in range(3))
-        try:
-            front_config = FrontConfig(
-                args.address, args.http_port, args.grpc_port, upstream, other, limits,
-                args.tls_cert, args.tls_key, public_model=args.model, status_port=status,
-            )  # fmt: skip
+        _check_repository(request)
+        front_config = _front_config(request)
+        try:  # the restart budget (serving/supervisor.py)
+            budget = RestartBudget(max_restarts_from(request.max_restarts))
         except ValueError as exc:
-            _error(str(exc))
-            return 2
-    try:  # the restart budget (serving/supervisor.py)
-        budget = RestartBudget(max_restarts_from(args.max_restarts))
-    except ValueError as exc:
+            raise _Refused(2, str(exc)) from exc
+    except _Refused as exc:
         _error(str(exc))
-        return 2
-    # Triton's metrics on a loopback port of its own: serve.py answers the public metrics port
-    # itself (crisis_triton/serving/metrics_endpoint.py), with Triton's series and its own, across
-    # restarts.
-    in_use: set[int | None] = {args.http_port, args.grpc_port, args.metrics_port}
-    if front_config is not None:
-        in_use |= {front_config.upstream_http_port, front_config.upstream_grpc_port,
-                   front_config.status_port}  # fmt: skip
-    while (triton_metrics_port := free_port()) in in_use:
-        pass
-    server = EmbeddedServer(
-        args.model_repository,
-        address=args.address if front_config is None else front_config.upstream_host,
-        http_port=args.http_port if front_config is None else front_config.upstream_http_port,
-        grpc_port=args.grpc_port if front_config is None else front_config.upstream_grpc_port,
-        metrics_port=triton_metrics_port,
-        metrics_address="127.0.0.1",
-        model=args.model,
-        log_file=args.log_file,
-        timeout=args.timeout,
-        echo_log=args.echo_log,
-        poll_seconds=args.poll_seconds,
-        cache_mb=args.cache_mb,
-        admin_key=admin_key,
-        extra_args=args.triton_args,
-    )
+        return exc.code
+    server = _embedded_server(request, front_config, admin_key)
     counters = HealCounters()
-    front = None if front_config is None else NginxFront(front_config, echo_log=args.echo_log)
+    front = None if front_config is None else NginxFront(front_config, echo_log=request.echo_log)
 
     def own_series() -> str:
         """serve.py's series, then the front's refusals and requests in flight."""
@@ -436,12 +476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return counters.render() + (front_text or "")
 
     metrics = MetricsEndpoint(
-        args.address, args.metrics_port, f"http://{server.url_metrics}/metrics", own_series
+        request.address, request.metrics_port, f"http://{server.url_metrics}/metrics", own_series
     )
     try:
         metrics.bind()  # taken now, answering once the server is ready (as Triton's was)
     except OSError:
-        _error(f"port {args.metrics_port} on {args.address or '0.0.0.0'} is already in use; "
+        _error(f"port {request.metrics_port} on {request.address or '0.0.0.0'} is already in use; "
                "choose other ports")  # fmt: skip
         return 1
     supervisor: Supervisor | None = None
@@ -463,16 +503,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             _error(exc.summary() if isinstance(exc, ServerStartError) else str(exc))
             return 1
         if server.cache_warning is not None:
-            print(f"{PROG}: warning: {server.cache_warning}", file=sys.stderr, flush=True)
-        if args.admin_key is None and args.admin_key_file is None:  # before the ready line
+            _warn(server.cache_warning)
+        if request.admin_key is None:  # before the ready line
             print(
                 f"{PROG}: admin key of the restricted APIs ({', '.join(RESTRICTED_APIS)}; "
                 f"header '{ADMIN_KEY_HEADER}'), generated for this run: {admin_key}",
                 file=sys.stderr,
                 flush=True,
             )
-        metrics_url = f"http://{client_host(args.address)}:{metrics.port}/metrics"
-        print(_ready_line(args, server, front, metrics_url), flush=True)
+        metrics_url = f"http://{client_host(request.address)}:{metrics.port}/metrics"
+        print(_ready_line(request, server, front, metrics_url), flush=True)
         # Serve until a signal: a crashed tritonserver or a dead python stub is restarted (within
         # the budget; exit 1 once spent), a dead front ends the run (exit 1).
         supervisor = Supervisor(
@@ -499,6 +539,61 @@ def main(argv: Sequence[str] | None = None) -> int:
             front.stop()
         server.stop()
         metrics.stop()
+
+
+def _request(args: argparse.Namespace, admin_key: str | None) -> ServeRequest:
+    return ServeRequest(
+        model_repository=args.model_repository,
+        address=args.address,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model=args.model,
+        timeout=args.timeout,
+        log_file=args.log_file,
+        poll_seconds=args.poll_seconds,
+        cache_mb=args.cache_mb,
+        max_restarts=args.max_restarts,
+        echo_log=args.echo_log,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        front=args.front,
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        body_deadline=args.body_deadline,
+        no_front=args.no_front,
+        admin_key=admin_key,
+        triton_args=tuple(args.triton_args),
+    )
+
+
+def parse_request(argv: Sequence[str] | None = None) -> ServeRequest:
+    """The command line as a checked :class:`ServeRequest`; a flag error exits 2 (argparse)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    request = _request(args, args.admin_key)
+    problem = _front_error(request)
+    if problem is None and args.triton_args and "--" not in argv:
+        problem = (f"unrecognized arguments: {' '.join(args.triton_args)} (tritonserver flags "
+                   "go after `--`)")  # fmt: skip
+    problem = problem or _triton_args_error(request)
+    if problem is not None:
+        parser.error(problem)
+    if args.admin_key_file is not None:
+        try:
+            request = _request(args, args.admin_key_file.read_text().strip())
+        except OSError as exc:
+            parser.error(f"--admin-key-file: {exc.strerror}: {args.admin_key_file}")
+    problem = _admin_key_error(request.admin_key)
+    if problem is not None:
+        parser.error(problem)
+    return request
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(parse_request(argv))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,9 @@
-"""Run the ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel as a subprocess.
+"""Run the ``tritonserver`` of the ``nvidia-pytriton`` wheel as a subprocess (EmbeddedServer).
 
-The serving contract (ports, probe paths, the policy flags, the stop deadline) and
-:class:`EmbeddedServer`, which checks a model repository against what the embedded server can
-load, starts tritonserver with this Python's python-backend stub, and waits until every model is
-ready, reporting a failed model load with the model's own error. The parts live beside it:
-
-- ``crisis_triton/serving/tritonserver_install.py``: the binary in the wheel, the backends folder
-with the stub
-  for this Python, the stub's environment (:func:`find_tritonserver`,
-  :func:`prepare_backend_dir`, :func:`stub_environment`, :class:`TritonNotFoundError`);
-- ``crisis_triton/serving/repository_check.py``: :func:`check_repository`, :class:`RepositoryError`;
-- ``crisis_triton/serving/net.py``: :func:`free_port`, port checks, the readiness HTTP requests;
-- ``crisis_triton/serving/server_log.py``: reading tritonserver's log, :class:`ServerStartError`.
-
-Every name of ``__all__`` is importable from here, as before the split.
-
-Example::
+The serving contract (ports, probe paths, the policy flags, the restricted APIs, the stop
+deadline) and :class:`EmbeddedServer`, which checks a repository, starts tritonserver with this
+Python's python-backend stub, waits until every model is ready (or reports the failed model's
+own error) and stops it. Example::
 
     with EmbeddedServer("model_repository", http_port=8000) as server:
         client = tritonclient.http.InferenceServerClient(server.url_http)
@@ -42,12 +30,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-# The names below moved out of this module; `X as X`: also re-exported (like those of __all__).
 from crisis_triton.serving.front import PUBLIC_MODEL
-from crisis_triton.serving.net import client_host, free_port, http_request, port_in_use
-from crisis_triton.serving.repository_check import EXPORT_REPORT as EXPORT_REPORT
-from crisis_triton.serving.repository_check import SUPPORTED_BACKENDS as SUPPORTED_BACKENDS
-from crisis_triton.serving.repository_check import SUPPORTED_PLATFORMS as SUPPORTED_PLATFORMS
+from crisis_triton.serving.net import client_host, http_request, port_in_use
+from crisis_triton.serving.processes import stop_group
 from crisis_triton.serving.repository_check import (
     ConfigParseError,
     RepositoryError,
@@ -63,7 +48,6 @@ from crisis_triton.serving.server_log import (
     tee,
 )
 from crisis_triton.serving.sizing import python_backend_args
-from crisis_triton.serving.tritonserver_install import STUB_NAME as STUB_NAME
 from crisis_triton.serving.tritonserver_install import (
     PathLike,
     TritonNotFoundError,
@@ -73,36 +57,6 @@ from crisis_triton.serving.tritonserver_install import (
     stub_environment,
     supported_flags,
 )
-
-__all__ = [
-    "ADMIN_KEY_HEADER",
-    "DEFAULT_MODEL",
-    "GRPC_PORT",
-    "HTTP_PORT",
-    "LIVE_PATH",
-    "METRICS_PATH",
-    "METRICS_PORT",
-    "POLICY_ARGS",
-    "READY_PATH",
-    "REFUSED_FLAGS",
-    "RESTRICTED_APIS",
-    "STOP_TIMEOUT",
-    "EmbeddedServer",
-    "RepositoryError",
-    "ServerStartError",
-    "TritonNotFoundError",
-    "admin_metadata",
-    "check_admin_key",
-    "check_extra_args",
-    "check_repository",
-    "exit_timeout_secs",
-    "new_admin_key",
-    "shm_warning",
-    "find_tritonserver",
-    "free_port",
-    "prepare_backend_dir",
-    "stub_environment",
-]
 
 DEFAULT_MODEL = (
     PUBLIC_MODEL  # the ensemble: the one model the front serves (crisis_triton/serving/front.py)
@@ -806,17 +760,8 @@ class EmbeddedServer:
         grace = self.stop_timeout if grace is None else float(grace)
         if proc.poll() is None:
             self._shm_regions |= shm_regions_of(proc.pid)  # models loaded since (polling)
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         # Python stubs left behind by a killed server share its process group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGTERM, grace)
         self._join_tee()
         # A server that was killed (or crashed) never unlinks its python backend's shared-memory
         # regions; they would fill a small /dev/shm for every later server. Its own are removed.

@@ -1,32 +1,9 @@
 """How much /dev/shm a served repository needs, and how many requests the front may let in.
 
-The one sizing rule of the deployment: serve.py checks /dev/shm against it at start and derives the
-front's limit of requests in flight from the /dev/shm it finds; the container files
-(deploy/compose.yaml, deploy/k8s) carry its value for the default repository, and tests check that
-they do (docs/reliability.md, "Size /dev/shm").
-
-What it models, measured on the tritonserver 2.51 of nvidia-pytriton (docs/reliability.md):
-
-- Each instance of a python-backend model talks to its stub through one shared-memory pool in
-  /dev/shm. The pool starts at the backend's ``shm-default-byte-size`` (1 MiB) and grows when a
-  batch does not fit (``posix_fallocate`` in /dev/shm: where /dev/shm is full the batch fails with
-  "Failed to increase the shared memory pool size", an INTERNAL error, HTTP 500). It never shrinks:
-  its size is the largest batch it ever held.
-- A batch holds its inputs and its outputs at once: a full batch of 32 posts of 19,295,411 bytes in
-  the preprocess model grew its pool to 637,534,208 bytes: 32 x (the image + its 602,112 bytes of
-  pixels + 616 of token ids) and less than 1 MiB more (tests/test_sizing.py checks a batch of 8).
-- Requests waiting in Triton's queues are in process memory, not in the pools: only batches being
-  executed are. So a pool holds at most ``max_batch_size`` posts, and never more requests than are
-  in flight.
-- A model with string inputs (the preprocess model: the image bytes, the texts) gets at most the
-  request body per request: the front's body cap (crisis_triton/serving/front.py :func:`body_cap`)
-  bounds it.
-  Without a front nothing does: Triton has no request-size limit, and an oversized image is copied
-  into the pool before the model refuses it.
-
-So one pool needs ``1 MiB + min(in_flight, max_batch_size) x body_cap`` for the string inputs plus
-``max_batch_size x`` (the fixed-size inputs and outputs of one post); /dev/shm needs the sum over
-every python model instance, plus SHM_MARGIN.
+The deployment's one sizing rule: serve.py checks /dev/shm against it at start and lowers the
+front's requests in flight to what fits; the container files carry its value for the default
+repository. The rule, what it models and the measurements behind it: docs/reliability.md,
+"Size /dev/shm".
 """
 
 from __future__ import annotations

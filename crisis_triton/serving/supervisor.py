@@ -1,30 +1,10 @@
-"""Keep tritonserver serving through crashes: serve.py's main loop (docs/reliability.md, "A crash
-is not an outage").
+"""Keep tritonserver serving through crashes: serve.py's loop after the ready line.
 
-Two failures took the service down before, and each is healed here by restarting tritonserver on
-the same ports, within a budget:
-
-- tritonserver exits (a SIGSEGV, the OOM killer): restarted after a backoff of 1, 2, 4 ... s
-  (the number of crash restarts in the window decides);
-- one python-backend stub (``triton_python_backend_stub``, one per model instance, a child of
-  tritonserver) dies: Triton does not restart it, and every request routed to that instance
-  fails with HTTP 500 "Stub process '<instance>' is not healthy" while Triton's health endpoints
-  keep answering 200. :class:`StubWatch` sees it within about 0.3 s, and tritonserver is
-  killed at once (the dead stub's model cannot be reloaded alone: model control mode ``none``)
-  and started again.
-
-More than MAX_RESTARTS restarts within RESTART_WINDOW_S and serve.py exits 1, so that the
-container or the pod is restarted instead. While it heals, the front (nginx) answers readiness
-503 and liveness 200 (``NginxFront.set_healing``), so Kubernetes takes the pod out of its
-Service for the heal without killing it. Each event is one line on stderr and counted in
-serve.py's /metrics (:class:`HealCounters`, served by crisis_triton/serving/metrics_endpoint.py).
-
-How a stub death is told apart from a normal exit (measured on tritonserver 2.51): Triton reaps
-the stubs it stops itself (at shutdown, and under ``--poll-seconds`` when a version is unloaded
-or a model reloaded) at once, but never a stub that died on its own: that one stays a zombie
-child of tritonserver, with its exit status in /proc, for as long as tritonserver runs. So a stub
-that stays a zombie is dead; a stub that is gone (reaped) left because Triton stopped it, which
-without polling never happens while serving, so there it is a death too.
+A crashed tritonserver, or one whose python-backend stub died (:class:`StubWatch`), is restarted
+on the same ports within a budget (:class:`RestartBudget`; spent: exit 1); the front answers
+readiness 503 while it heals; each event is a line on stderr and a series of /metrics
+(:class:`HealCounters`). How a stub death is told from a normal exit, and the measurements:
+docs/reliability.md, "A crash is not an outage".
 """
 
 from __future__ import annotations
@@ -41,8 +21,9 @@ from pathlib import Path
 from typing import Protocol
 
 from crisis_triton.serving.repository_check import RepositoryError
-from crisis_triton.serving.server import EmbeddedServer, ServerStartError, TritonNotFoundError
-from crisis_triton.serving.tritonserver_install import STUB_NAME
+from crisis_triton.serving.server import EmbeddedServer
+from crisis_triton.serving.server_log import ServerStartError
+from crisis_triton.serving.tritonserver_install import STUB_NAME, TritonNotFoundError
 
 PROG = "serve.py"
 

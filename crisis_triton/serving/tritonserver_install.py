@@ -1,17 +1,9 @@
 """The ``tritonserver`` of the ``nvidia-pytriton`` wheel, found and made runnable for this Python.
 
-The wheel brings tritonserver 2.x with the python backend only (plus ensembles): no ONNX
-Runtime, no TensorRT backend. This module finds the binary without importing pytriton, lists
-the flags it takes, prepares a backends folder holding the python-backend stub that matches the
-running interpreter (after checking that the stub's ``libpython`` is there), and builds the
-environment in which that stub runs this very interpreter:
-
-- The stub's interpreter finds its ``sys.prefix`` by looking up ``python3`` on ``PATH``; with
-  the running interpreter's bin folder first on ``PATH`` it finds the virtual environment's
-  ``pyvenv.cfg`` and hence the same site-packages as this process.
-- The stub links ``libpython3.X.so.1.0`` by name; without help the dynamic loader may pick a
-  system copy of another patch release (whose stdlib then mismatches). The interpreter's
-  ``LIBDIR`` goes first on ``LD_LIBRARY_PATH`` when it is a shared build.
+Finds the binary without importing pytriton, lists the flags it takes, prepares a backends
+folder with the python-backend stub for the running interpreter, and builds the environment in
+which that stub runs this very interpreter (:func:`stub_environment`). The wheel has the python
+backend only (plus ensembles): no ONNX Runtime, no TensorRT backend.
 """
 
 from __future__ import annotations
