@@ -296,9 +296,29 @@ end
 
 --- The JSON part of an HTTP body: all of it, or the binary form's header
 --- (Inference-Header-Content-Length). Returns text, or nil with the status and message.
+--- The body's length in bytes: its Content-Length, else (a chunked body, read) what was read.
+local function body_length()
+    local declared = tonumber(ngx.var.content_length)
+    if declared then
+        return declared
+    end
+    local data = ngx.req.get_body_data()
+    if data then
+        return #data
+    end
+    local path = ngx.req.get_body_file()
+    local file = path and io.open(path, "rb")
+    if not file then
+        return 0
+    end
+    local size = file:seek("end")
+    file:close()
+    return size or 0
+end
+
 local function json_part()
     local lengths = header_values("inference-header-content-length")
-    local body_length = tonumber(ngx.var.content_length) or 0
+    local body_length = body_length()
     if #lengths == 0 then
         if body_length > cfg.max_json_body_bytes then
             return nil, 413, "a JSON request body is limited to " .. cfg.max_json_body_bytes
