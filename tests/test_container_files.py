@@ -147,6 +147,18 @@ def test_cpu_command_is_serve_py_on_all_interfaces() -> None:
                 assert (ROOT / source).exists(), source
                 copied.append(source)
     assert "crisis_triton/serving/" in copied and "deploy/serve.py" in copied
+    from tests.test_layout import _graph
+
+    graph, needed, todo = _graph(), set(), ["crisis_triton.serving.serve"]
+    while todo:  # every project module serve.py imports, transitively
+        for imported in graph.get(todo.pop(), ()):
+            if imported not in needed:
+                needed.add(imported)
+                todo.append(imported)
+    for module in needed:
+        path = module.replace(".", "/")
+        files = (f"{path}.py", f"{path}/__init__.py")
+        assert any(f.startswith(c) for f in files for c in copied), f"the image lacks {module}"
 
 
 def test_the_proxy_ca_is_a_build_secret_only() -> None:
