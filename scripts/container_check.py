@@ -211,9 +211,27 @@ def run_container(
     args += ["-p", f"127.0.0.1:{ports['http']}:{HTTP_PORT}"]
     args += ["-p", f"127.0.0.1:{ports['grpc']}:{GRPC_PORT}"]
     args += ["-p", f"127.0.0.1:{ports['metrics']}:{METRICS_PORT}"]
+    args += ["-v", f"{admin_key_file()}:{ADMIN_KEY_MOUNT}:ro"]
     args += ["-v", f"{repository}:/models:ro", IMAGE]
     runtime.call(*args)
     return ports
+
+
+# Where the images read the admin key (deploy/Dockerfile: a podman/compose secret or a Kubernetes
+# Secret mounted there); the image refuses to start on 0.0.0.0 without it.
+ADMIN_KEY_MOUNT = "/run/secrets/admin-key"
+
+
+def admin_key_file() -> Path:
+    """A fresh random admin key in a private folder, readable by the container's user (the key
+    itself is never printed)."""
+    import secrets
+
+    folder = Path(tempfile.mkdtemp(prefix="crisis-admin-key-"))
+    path = folder / "admin-key"
+    path.write_text(secrets.token_urlsafe(32))
+    path.chmod(0o444)
+    return path
 
 
 def shm_in(runtime: Runtime, name: str) -> dict[str, int]:

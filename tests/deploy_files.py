@@ -18,7 +18,13 @@ from tests.conftest import ROOT
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
+KSERVE = DEPLOY / "kserve"
 OVERLAYS = ("cpu", "gpu")
+COMPONENTS = ("tls", "models-from-s3", "prometheus-operator")
+# the gpu image's wrapper: tritonserver with the restricted APIs keyed by a secret file
+RESTRICTED_SCRIPT = DEPLOY / "restricted-tritonserver.sh"
+RESTRICTED_SCRIPT_IN_IMAGE = "/opt/crisis-triton/deploy/restricted-tritonserver.sh"
+SERVE_PY_IN_IMAGE = "/opt/crisis-triton/deploy/serve.py"
 
 
 @dataclass
@@ -124,3 +130,45 @@ def by_kind(docs: Sequence[dict]) -> dict[str, dict]:
         assert doc["kind"] not in out, f"two {doc['kind']} objects"
         out[doc["kind"]] = doc
     return out
+
+
+def admin_key_file(command: Sequence[str]) -> str | None:
+    """The file a server command of deploy/ reads the admin key of Triton's restricted APIs
+    from: serve.py's --admin-key-file, or restricted-tritonserver.sh's first argument. None:
+    the command serves on loopback only (serve.py's --address). Fails the test on a command that
+    serves others with those APIs open or keyed by a literal (--admin-key, a restricted flag)."""
+    from crisis_triton.serving.net import is_loopback
+    from crisis_triton.serving.serve import build_parser
+
+    command = list(command)
+    assert not any(a.startswith(("--http-restricted-api", "--grpc-restricted-protocol"))
+                   for a in command), f"a key on the command line: {command}"  # fmt: skip
+    if command[:2] == ["python3", SERVE_PY_IN_IMAGE]:
+        args = build_parser().parse_args(command[2:])
+        assert args.admin_key is None, "--admin-key: a literal key (ps shows it)"
+        assert not args.no_front, "--no-front serves tritonserver itself"
+        if is_loopback(args.address):
+            return None
+        assert args.admin_key_file is not None, f"{args.address} without a key file"
+        return str(args.admin_key_file)
+    assert command[0] == RESTRICTED_SCRIPT_IN_IMAGE, f"tritonserver without its key: {command}"
+    assert command[2] == "tritonserver", command
+    return command[1]
+
+
+def secret_of_file(pod_spec: dict, container: dict, path: str) -> str:
+    """The Secret that ``path`` is a key of, mounted read-only into ``container`` of
+    ``pod_spec``, owner and group only (the test fails otherwise): its name."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        if Path(path).parent != Path(mount["mountPath"]):
+            continue
+        secret = volumes[mount["name"]].get("secret")
+        assert secret is not None, f"{path}: volume {mount['name']} is not a Secret"
+        assert mount.get("readOnly") is True, mount
+        assert secret["defaultMode"] & 0o007 == 0, secret  # no other user reads the key
+        keys = {item["path"]: item["key"] for item in secret.get("items", [])}
+        assert Path(path).name in keys, f"{path}: not an item of Secret {secret['secretName']}"
+        assert secret.get("optional") is not True  # no Secret, no server
+        return str(secret["secretName"])
+    raise AssertionError(f"{path}: no volume is mounted where it is")

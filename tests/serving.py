@@ -402,3 +402,20 @@ def serve_py(
         yield served
     finally:
         served.stop()
+
+
+def batch_counts(url_http: str, model: str) -> dict[int, int]:
+    """{batch size: executions} of `model` from Triton's statistics. Compare two reads: warmup
+    (model_warmup) runs batches before a model is ready, so the counts never start at zero."""
+    import tritonclient.http as http
+
+    stats = http.InferenceServerClient(url_http).get_inference_statistics(model)
+    return {
+        int(b["batch_size"]): int(b["compute_infer"]["count"])
+        for b in stats["model_stats"][0]["batch_stats"]
+    }
+
+
+def batched_beyond_one(before: Mapping[int, int], after: Mapping[int, int]) -> list[int]:
+    """The batch sizes above 1 that ran between two `batch_counts` reads."""
+    return sorted(b for b, n in after.items() if b > 1 and n > before.get(b, 0))

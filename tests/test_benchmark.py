@@ -41,7 +41,8 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--quick",
          "--repo", str(tiny_repo), "--seed", "3", "--out", str(out), "--no-progress",
-         "--request-rate", "10,20", "--duration", "1", "--p99-budget-ms", "60000"],
+         "--request-rate", "10,20", "--duration", "1", "--p99-budget-ms", "60000",
+         "--pa-csv", str(out / "perf.csv")],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -109,6 +110,20 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
     assert summary["machine"]["label"] in markdown
     png = out / "latency_throughput.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the realistic posts by default, named in every row and the summary
+    assert {r["posts_kind"] for r in rows} == {"realistic"}
+    assert summary["workload"]["kind"] == "realistic" and "realistic posts" in markdown
+    # perf_analyzer's CSV: one file per path, protocol and mode (tests/test_pa_csv.py: format)
+    precision = rows[0]["precision"]
+    for name, first, values in (
+        (f"triton-{precision}-http", "Concurrency", {1, 2, 4, 8, 16, 32}),
+        (f"triton-{precision}-grpc-rate", "Request Rate", {10, 20}),
+        (f"triton_one_task-{precision}-grpc", "Concurrency", {8}),
+    ):
+        with (out / f"perf.{name}.csv").open(newline="") as f:
+            lines = list(csv.DictReader(f))
+        assert {float(x[first]) for x in lines} == values, name
 
 
 def test_sweep_picks_a_configuration_within_the_budget_and_applies_it(

@@ -34,7 +34,7 @@ from crisis_triton.contract.names import (
     probs_name,
 )
 from tests.conftest import ROOT, TINY_EXPORT_ARGS, run_export
-from tests.serving import embedded_server, serve_repository
+from tests.serving import batch_counts, batched_beyond_one, embedded_server, serve_repository
 
 TASKS = ("task1", "task2", "task3")
 CMA_ARGS = (*TINY_EXPORT_ARGS, "--head", "cma_clip")
@@ -172,13 +172,14 @@ def test_text_only_and_image_posts_batched_together_keep_their_answers(cma_serve
         module, url = (http, cma_server.url_http) if i % 3 else (grpc, cma_server.url_grpc)
         return raw_outputs(module, url, posts[i][0], posts[i][1], None, names)
 
+    before = batch_counts(cma_server.url_http, "fusion_head")
     with ThreadPoolExecutor(24) as pool:
         together = list(pool.map(send, range(24)))
     for a, b in zip(alone, together):
         for n in names:
             assert np.abs(a[n] - b[n]).max() <= 1e-6, n
-    stats = http.InferenceServerClient(cma_server.url_http).get_inference_statistics("fusion_head")
-    assert max(b["batch_size"] for b in stats["model_stats"][0]["batch_stats"]) > 1
+    after = batch_counts(cma_server.url_http, "fusion_head")
+    assert batched_beyond_one(before, after), f"no batch formed: {after}"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -6,7 +6,9 @@ import. (The built image itself: tests/test_container.py.)"""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import stat
 import subprocess
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from crisis_triton.serving.server import (
     POLICY_ARGS,
     READY_PATH,
     STOP_TIMEOUT,
+    check_admin_key,
     exit_timeout_secs,
+    restricted_args,
 )
 from crisis_triton.serving.sizing import (
     MAX_CONNECTIONS,
@@ -35,7 +39,17 @@ from crisis_triton.serving.sizing import (
 )
 from scripts.container_check import MONITORING_DIR, SHM_SIZE
 from tests.conftest import ROOT
-from tests.deploy_files import DEPLOY, DOCKERFILE, dockerfile_args, dockerfile_stages, flags, tool
+from tests.deploy_files import (
+    DEPLOY,
+    DOCKERFILE,
+    RESTRICTED_SCRIPT,
+    RESTRICTED_SCRIPT_IN_IMAGE,
+    admin_key_file,
+    dockerfile_args,
+    dockerfile_stages,
+    flags,
+    tool,
+)
 
 PORTS = {HTTP_PORT, GRPC_PORT, METRICS_PORT}
 STAGES = dockerfile_stages()
@@ -115,7 +129,11 @@ def test_engine_check_runs_as_copied_into_the_image(tmp_path) -> None:
 
 def test_gpu_command_is_the_embedded_servers_policy() -> None:
     command = STAGES["gpu"].exec_form("CMD")
-    assert command[0] == "tritonserver"
+    # tritonserver behind the wrapper that closes the restricted APIs with the secret file's key
+    assert command[0] == RESTRICTED_SCRIPT_IN_IMAGE and command[2] == "tritonserver"
+    assert f"{RESTRICTED_SCRIPT.relative_to(ROOT)} {RESTRICTED_SCRIPT_IN_IMAGE}" in STAGES[
+        "gpu"
+    ].all("COPY")
     got = flags(command)
     assert got["--model-repository"] == "/models"
     for name, value in flags(POLICY_ARGS).items():
@@ -327,3 +345,61 @@ def test_compose_prometheus_loads_the_alert_rules() -> None:
     assert rules and rules[0]["read_only"] is True
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     assert any(f.startswith(rules[0]["target"] + "/") for f in config["rule_files"])
+
+
+# ------------------------------------------------------------------------------ the admin key
+
+COMPOSE_SECRETS = "/run/secrets"  # where compose (and podman run --secret) mounts a secret
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_images_read_the_admin_key_from_a_secret_file(profile: str) -> None:
+    """Both images' commands serve on all interfaces with the restricted APIs keyed by the file
+    a secret named admin-key is mounted as; compose gives its servers that secret, from a file
+    the user names (never a literal), and keeps the images' commands."""
+    key_file = admin_key_file(STAGES[profile].exec_form("CMD"))
+    assert key_file == f"{COMPOSE_SECRETS}/admin-key"
+    spec = COMPOSE["services"][f"triton-{profile}"]
+    assert "command" not in spec and "entrypoint" not in spec
+    assert spec["secrets"] == [Path(key_file).name]
+    source = COMPOSE["secrets"][Path(key_file).name]
+    assert set(source) == {"file"} and source["file"].startswith("${ADMIN_KEY_FILE:?")
+
+
+def _run_restricted(tmp_path: Path, key: str) -> subprocess.CompletedProcess[str]:
+    """deploy/restricted-tritonserver.sh with a key file, a stand-in tritonserver that prints its
+    arguments, one per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "tritonserver"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    key_path = tmp_path / "admin-key"
+    key_path.write_text(key + "\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return subprocess.run(
+        [str(RESTRICTED_SCRIPT), str(key_path), "tritonserver", "--model-repository=/models"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )  # fmt: skip
+
+
+def test_restricted_wrapper_adds_the_launchers_flags(tmp_path: Path) -> None:
+    """The gpu image's wrapper execs tritonserver with its flags plus restricted_args(key): the
+    embedded server's restricted APIs, header and key check, read from a file."""
+    assert RESTRICTED_SCRIPT.stat().st_mode & stat.S_IXUSR  # COPY keeps the mode
+    key = "gpu-image-admin-key-0123456789"
+    done = _run_restricted(tmp_path, key)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["--model-repository=/models", *restricted_args(key)]
+
+
+@pytest.mark.parametrize(
+    "bad", ["short", "has space in it 123", "colon:in:the:key:1234", "x" * 257]
+)
+def test_restricted_wrapper_refuses_a_bad_key_without_showing_it(tmp_path: Path, bad: str) -> None:
+    """Exit 78 before tritonserver starts, as the launcher's check_admin_key refuses it."""
+    with pytest.raises(ValueError):
+        check_admin_key(bad)
+    done = _run_restricted(tmp_path, bad)
+    assert done.returncode == 78 and done.stdout == ""
+    assert "16 to 256 characters" in done.stderr and bad not in done.stderr

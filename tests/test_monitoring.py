@@ -35,6 +35,7 @@ from crisis_triton.preprocess.posts import (
     preprocess_image,
 )
 from crisis_triton.repository.writer import read_preprocess_spec
+from crisis_triton.serving.front import FRONT_REFUSED_METRIC
 from crisis_triton.serving.net import free_port
 from crisis_triton.serving.server import METRICS_PORT, STOP_TIMEOUT, EmbeddedServer
 from tests.conftest import ROOT
@@ -161,7 +162,25 @@ def test_every_model_has_a_latency_objective_and_names_are_the_projects() -> Non
     for path in (RULES, DASHBOARD):
         assert set(re.findall(r'model=\\?"(\w+)\\?"', path.read_text())) <= MODELS, path
     assert f'model="{ENSEMBLE}"' in RULES.read_text()
-    assert set(re.findall(r"\bcrisis_\w+", RULES.read_text())) == {REJECTED_POSTS_METRIC, ENSEMBLE}
+    # the front's refusals: front_guard.lua's counter, merged into serve.py's /metrics (seen there
+    # by tests/test_admin_key.py)
+    assert set(re.findall(r"\bcrisis_\w+", RULES.read_text())) == {
+        REJECTED_POSTS_METRIC,
+        ENSEMBLE,
+        FRONT_REFUSED_METRIC,
+    }
+
+
+def test_servers_are_selected_by_their_label_not_a_job_name() -> None:
+    """The rules and the dashboard name no scrape job: they select the servers by the label
+    deploy/prometheus.yml sets on its target (and the PodMonitor copies from the pods)."""
+    for path in (RULES, DASHBOARD):
+        assert not re.search(r'job=\\?"', path.read_text()), path
+    (job,) = yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]
+    (static,) = job["static_configs"]
+    ((name, value),) = static["labels"].items()
+    for path in (RULES, DASHBOARD):
+        assert re.search(rf'up\{{{name}=\\?"{value}\\?"\}}', path.read_text()), path
 
 
 # ------------------------------------------------------------ a real Prometheus, a real server
@@ -346,7 +365,11 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert any("nv_cache_num_hits_per_model" in e for e in exprs)
-    for expr in exprs:
+    # the front's refusals: this stack's server has no front (tests/test_admin_key.py sees the
+    # counter in a real serve.py --front's /metrics)
+    front = [e for e in exprs if "crisis:front_refused" in e]
+    assert front and FRONT_REFUSED_METRIC in (RULES.read_text())
+    for expr in (e for e in exprs if e not in front):
         values = stack.prometheus.values(expr.replace("$__rate_interval", "1m"))
         assert _finite(values), f"no data: {expr}"
 

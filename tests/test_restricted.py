@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,7 +207,11 @@ def _children(pid: int) -> list[int]:
 
 
 @needs_server
-def test_serve_py_passes_flags_through_and_prints_a_generated_key(tmp_path: Path) -> None:
+def test_serve_py_passes_flags_through_and_hands_a_generated_key_in_a_file(
+    tmp_path: Path,
+) -> None:
+    """On loopback without a key option: a random key in a 0600 temp file whose path (never
+    the key) is printed once, removed when serve.py stops."""
     passed = ("--", "--http-thread-count=3", "--log-verbose", "1")
     with serve_py(make_repo(tmp_path), *passed) as served:
         line = served.ready_line
@@ -218,8 +224,14 @@ def test_serve_py_passes_flags_through_and_prints_a_generated_key(tmp_path: Path
         assert command[-4:-1] == ["--http-thread-count=3", "--log-verbose", "1"]  # last: win
         flag = next(a for a in command if a.startswith("--http-restricted-api="))
         key = flag.rsplit(f"{ADMIN_KEY_HEADER}=", 1)[1]
+        key_lines = [line for line in served.err.splitlines() if "admin key" in line]
+        assert len(key_lines) == 1, served.err  # printed once
+        (path,) = re.findall(r" into (/\S+) \(mode 0600\)$", key_lines[0])
+        key_file = Path(path)
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert key_file.read_text().strip() == key
     err = served.err
     assert served.returncode == 0, err
-    key_lines = [line for line in err.splitlines() if "admin key" in line]
-    assert len(key_lines) == 1 and key_lines[0].endswith(f": {key}")  # printed once
+    assert key not in err and key not in served.out and key not in served.ready_line
+    assert not key_file.exists()  # a temp file of this run only
     check_admin_key(key)

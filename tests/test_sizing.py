@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -114,17 +113,22 @@ def test_a_full_batch_grows_the_pool_as_the_rule_says(tiny_repo: Path, tmp_path:
     """Eight posts held for one batch (preferred batch 8, a long queue delay): the preprocess
     instance's pool grows to hold 8 x (request bytes + pixels + ids) at once, as deploy/sizing.py
     counts it, and at most its first MiB and one step of growth more."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     from crisis_triton.bench.burst import photo
     from crisis_triton.client.triton_client import CrisisClient
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
-    config = repo / "preprocess" / "config.pbtxt"
-    text = config.read_text()
-    delay = re.search(r"max_queue_delay_microseconds: \d+", text)
-    assert delay is not None
-    held = "max_queue_delay_microseconds: 20000000\n  preferred_batch_size: 8"
-    config.write_text(text.replace(delay[0], held))
+    # cold models (no model_warmup): warmup batches would grow the pools before the batch here
+    for path in repo.glob("*/config.pbtxt"):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        del config.model_warmup[:]
+        if path.parent.name == "preprocess":
+            config.dynamic_batching.max_queue_delay_microseconds = 20_000_000
+            config.dynamic_batching.preferred_batch_size[:] = [8]
+        path.write_text(text_format.MessageToString(config))
     posts = 8
     images = [photo(1_900_000, seed) for seed in range(posts)]
     text_bytes = len(b"flood")

@@ -18,7 +18,7 @@ from crisis_triton.models.weights import LoadedModels
 from tests.conftest import run_export
 from tests.crisis_data import TINY_ENCODER_ARGS
 from tests.serving import serve_repository
-from tests.test_cma_clip_serving import ATOL, assert_close, make_image, names_of, served
+from tests.test_cma_clip_serving import ATOL, assert_close, make_image, names_of, run_cli, served
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,18 @@ def test_trained_cma_clip_head_served_equals_its_pytorch_forward(
                 MODALITIES_USED: p.modalities_used[0],
             }
             assert_close(got, want, names)
+        # crisis-classify --no-image says how well the repository answers such posts: the head
+        # file's text-only test accuracy, copied by the export (export_report.json too)
+        done = run_cli("--no-image", "volunteers donate food", "--url", srv.url_http)
+        assert done.returncode == 0, done.stderr
+    metrics = torch.load(trained["cma_clip"], weights_only=True)["crisis_head"]["metrics"]
+    line = (
+        f"text-only posts: task1 accuracy {metrics['test_text_only']['accuracy']:.2f} on the "
+        f"head's test split (full posts {metrics['test']['accuracy']:.2f})"
+    )
+    assert done.stdout.splitlines()[-1] == line == report["text_only_note"]
+    got = report["text_only_metrics"]["task1"]["text_only"]
+    assert got["accuracy"] == metrics["test_text_only"]["accuracy"]
 
 
 def test_paper_head_trained_with_modality_dropout_answers_text_only(

@@ -10,7 +10,7 @@ import argparse
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from crisis_triton.extras import missing_extra
@@ -20,10 +20,11 @@ if _missing := missing_extra(
 ):
     sys.exit(_missing)
 
-from crisis_triton.bench import loadgen, openloop, repos
-from crisis_triton.bench.plan import BenchmarkError, BenchmarkPlan
+from crisis_triton.bench import loadgen, openloop, repos, variants, workload
+from crisis_triton.bench.plan import DEPLOYMENT_DEFAULTS, BenchmarkError, BenchmarkPlan
 from crisis_triton.bench.runs import run_benchmark, run_cache_benchmark, run_sweep
 from crisis_triton.bench.session import log
+from crisis_triton.client.connection import check_tls_files, parse_header, parse_url
 
 DESCRIPTION = (
     "Latency and throughput of the crisis classifier, every serving path side by side in one run."
@@ -44,6 +45,8 @@ Examples:
   python benchmarks/benchmark.py --sweep --p99-budget-ms 1500 --apply model_repository
   python benchmarks/benchmark.py --paths triton --request-rate 2,4,8 --p99-budget-ms 1500
   python benchmarks/benchmark.py --cache-repeat 0,0.3,0.6 --out benchmarks/results/cache
+  python benchmarks/benchmark.py --precision fp32,int8:openvino \
+      --variants fixed-text,own-text,fast-image --paths triton --protocols grpc --concurrency 1,16
 
 Writes to --out: results.json (a list of rows), results.csv (the same rows), summary.json (targets,
 machine), results.md, and latency_throughput.png; with --sweep: sweep.json and sweep.md.
@@ -65,6 +68,28 @@ def _shares(text: str) -> list[float]:
     return out
 
 
+def _url(protocol: str) -> Callable[[str], str]:
+    """The argparse type of a url of `protocol` (crisis_triton.client.connection.parse_url:
+    host:port, or a scheme of that protocol, TLS with https:// and grpcs://)."""
+
+    def check(text: str) -> str:
+        try:
+            parse_url(text, protocol)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
+
+
+def _header(text: str) -> tuple[str, str]:
+    """-H 'NAME: VALUE' (crisis_triton.client.connection.parse_header)."""
+    try:
+        return parse_header(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _precisions(text: str) -> list[str]:
     """PRECISION or PRECISION:RUNTIME (int8:openvino), comma separated, distinct."""
     from crisis_triton.runtime.runtimes import PRECISIONS, RUNTIMES_OF
@@ -83,6 +108,14 @@ def _precisions(text: str) -> list[str]:
     return out
 
 
+def _variants(text: str) -> list[str]:
+    """Export variants (bench/variants.py), comma separated, distinct."""
+    try:
+        return variants.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmark.py",
@@ -96,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("results/benchmark"),
         metavar="DIR",
         help="output folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--pa-csv",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write perf_analyzer's CSV (its -f FILE) of the Triton levels: one line per "
+        "concurrency, or per request rate in a second file; one file per path, precision, "
+        "protocol and mode, named FILE.PATH-PRECISION-PROTOCOL[-rate].csv when there are several",
     )
     p.add_argument(
         "--quick",
@@ -130,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
         "sequential ORT chain and the one-task comparison (default: fp32)",
     )
     m.add_argument(
+        "--variants",
+        type=_variants,
+        default=[variants.DEFAULT_VARIANT],
+        metavar="V1,V2",
+        help="export variants of every precision, measured side by side: "
+        + "; ".join(f"{v.name}: {v.about}" for v in variants.VARIANTS.values())
+        + ". With two or more, results.md's Variants section compares them (issue 25's "
+        f"targets). The first is the reference of the other targets (default: "
+        f"{variants.DEFAULT_VARIANT})",
+    )
+    m.add_argument(
         "--cma-clip",
         action="store_true",
         help="also measure the cma_clip head (export.py --head cma_clip, fp32: token sequences, "
@@ -155,16 +208,49 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where exports are kept and reused (default: {repos.default_cache()})",
     )
     d = p.add_argument_group("Triton deployment (configs written with write_configs)")
-    d.add_argument("--max-batch-size", type=int, default=32)
-    d.add_argument("--max-queue-delay-us", type=int, default=2000)
-    d.add_argument("--instances", type=int, default=1, help="per encoder/head model")
-    d.add_argument("--preprocess-instances", type=int, default=2)
+    d.add_argument("--max-batch-size", type=int, default=DEPLOYMENT_DEFAULTS.max_batch_size)
+    d.add_argument("--max-queue-delay-us", type=int, default=DEPLOYMENT_DEFAULTS.max_queue_delay_us)
+    d.add_argument(
+        "--instances",
+        type=int,
+        default=DEPLOYMENT_DEFAULTS.compute_instances,
+        help="per encoder/head model (default: %(default)s)",
+    )
+    d.add_argument(
+        "--preprocess-instances", type=int, default=DEPLOYMENT_DEFAULTS.preprocess_instances
+    )
     d.add_argument(
         "--url",
+        type=_url("http"),
         default=None,
-        help="HTTP host:port of a running Triton (no embedded server is started)",
+        help="HTTP host:port, http:// or https:// url of a running Triton (no embedded server is "
+        "started; Triton's statistics are read over it)",
     )
-    d.add_argument("--grpc-url", default=None, help="gRPC host:port of that server")
+    d.add_argument(
+        "--grpc-url",
+        type=_url("grpc"),
+        default=None,
+        help="gRPC host:port, grpc:// or grpcs:// url of that server (default: port 8001 beside "
+        "--url's 8000, grpcs:// beside https://)",
+    )
+    d.add_argument(
+        "--root-certs",
+        default=None,
+        metavar="FILE",
+        help="PEM root certificates that an https:// or grpcs:// server's certificate is checked "
+        "against (default: the system's), as crisis-classify takes them",
+    )
+    d.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="header sent with every request to --url / --grpc-url (repeatable; gRPC: metadata, "
+        "name lowercased), as crisis-classify -H",
+    )
     d.add_argument(
         "--flavour",
         default=None,
@@ -180,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8, 16, 32])
     w.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16])
     w.add_argument("--posts", type=int, default=None, help="synthetic posts in the input set")
+    w.add_argument(
+        "--posts-kind",
+        choices=workload.POST_KINDS,
+        default=workload.DEFAULT_POST_KIND,
+        help="realistic: tweet-size photos (680x680..2048x1536, JPEG q85) and tweet-length texts "
+        "(60-280 characters); small: the earlier ~100 KiB photos (default: %(default)s)",
+    )
     w.add_argument(
         "--requests",
         type=int,
@@ -295,6 +388,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
     """The plan the parsed options describe (comma lists as tuples)."""
     return BenchmarkPlan(
         out=args.out,
+        pa_csv=args.pa_csv,
         quick=args.quick,
         size=args.size,
         tasks=tuple(args.tasks.split(",")),
@@ -302,6 +396,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         one_task_repo=args.one_task_repo,
         seed=args.seed,
         precision=tuple(args.precision),
+        variants=tuple(args.variants),
         cma_clip=args.cma_clip,
         min_agreement=args.min_agreement,
         repo=args.repo,
@@ -312,12 +407,15 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         preprocess_instances=args.preprocess_instances,
         url=args.url,
         grpc_url=args.grpc_url,
+        root_certs=args.root_certs,
+        headers=tuple(args.headers),
         flavour=args.flavour,
         paths=tuple(args.paths.split(",")),
         protocols=tuple(args.protocols.split(",")),
         concurrency=tuple(args.concurrency),
         batch_sizes=tuple(args.batch_sizes),
         posts=args.posts,
+        posts_kind=args.posts_kind,
         requests=args.requests,
         research_requests=args.research_requests,
         ort_samples=args.ort_samples,
@@ -345,7 +443,13 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.root_certs is not None:
+        try:
+            check_tls_files(args.root_certs, None, None)
+        except Exception as exc:  # CertificateError: the file's name and what is wrong
+            parser.error(str(exc))
     # SIGTERM unwinds like Ctrl-C, so the embedded servers are stopped (and their shared memory
     # freed) on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

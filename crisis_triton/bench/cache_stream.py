@@ -141,15 +141,17 @@ def run(
     seed: int = 0,
     tick: Tick | None = None,
     phase: Callable[[str], None] | None = None,
+    kind: str = workload.DEFAULT_POST_KIND,
 ) -> list[Row]:
-    """One row per (cache off/on, repeat share). The streams (seed + 1 + index of the share) are
+    """One row per (cache off/on, repeat share), on posts of `kind` (workload.POST_KINDS). The
+    streams (seed + 1 + index of the share) are
     the same for both servers and share no photo or text with each other or the warm-up, so a
     stream hits only on its own repeats."""
     streams = [
-        workload.make_stream(requests, r, seed + 1 + i, gap=concurrency)
+        workload.make_stream(requests, r, seed + 1 + i, gap=concurrency, kind=kind)
         for i, r in enumerate(repeats)
     ]
-    warm = workload.make_posts(3 * concurrency, seed=seed + 10_000)
+    warm = workload.make_posts(3 * concurrency, seed=seed + 10_000, kind=kind)
     rows: list[Row] = []
     for label, cache_mb in SETTINGS:
         if phase:

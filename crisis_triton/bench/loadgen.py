@@ -6,6 +6,11 @@ sending its next request as soon as the previous one returned. Each worker first
 requests (not counted); the statistics of every composing model are read before and after the
 measured requests, and their deltas give the per-request queue / compute times and the average
 batch size that dynamic batching formed.
+
+A url is `host:port` or, for a server behind a TLS front, `https://host:port` / `grpcs://host:port`
+(the client's parser, crisis_triton.client.connection.parse_url); the root certificates and the
+headers of `crisis-benchmark --root-certs / -H` are the run's `Access` (`access`), which every
+client made here (statistics reads included) uses.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from crisis_triton.bench.report import Row, Tick, make_row
 from crisis_triton.bench.workload import Post
+from crisis_triton.client.connection import check_header, parse_url
 from crisis_triton.client.triton_client import bytes_input
 from crisis_triton.contract.spec import (
     ENSEMBLE,
@@ -46,13 +52,65 @@ def _module(protocol: str) -> Any:
     return module
 
 
-def new_client(protocol: str, url: str) -> Any:
+@dataclass(frozen=True)
+class Access:
+    """What every request to the server carries besides the url: the root certificates a TLS
+    url's server certificate is checked against (None: the system's) and headers (`-H`)."""
+
+    root_certs: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, value in self.headers:
+            check_header(name, value)
+
+    def for_protocol(self, protocol: str) -> dict[str, str] | None:
+        """The headers as tritonclient takes them (gRPC metadata: names lowercased)."""
+        if not self.headers:
+            return None
+        return {(n.lower() if protocol == "grpc" else n): v for n, v in self.headers}
+
+
+_ACCESS = [Access()]  # the run's Access; threads of the load generators read it
+
+
+@contextlib.contextmanager
+def access(value: Access) -> Iterator[None]:
+    """Send every request made meanwhile (any thread) with `value`'s certificates and headers."""
+    _ACCESS.append(value)
+    try:
+        yield
+    finally:
+        _ACCESS.remove(value)
+
+
+def headers(protocol: str) -> dict[str, str] | None:
+    """The headers of the run's Access for a protocol's calls (None: none)."""
+    return _ACCESS[-1].for_protocol(protocol)
+
+
+def new_client(protocol: str, url: str, **options: Any) -> Any:
+    """A tritonclient client of `protocol` for `url` (host:port, or a scheme url: TLS for https://
+    and grpcs://, with the run's root certificates); `options`: more HTTP client arguments."""
     module = _module(protocol)
+    endpoint = parse_url(url, protocol)
+    root_certs = _ACCESS[-1].root_certs
     if protocol == "http":
+        tls: dict[str, Any] = {}
+        if endpoint.tls:
+            tls = {"ssl": True, "ssl_options": {"ca_certs": root_certs} if root_certs else {}}
         return module.InferenceServerClient(
-            url, connection_timeout=TIMEOUT_S, network_timeout=TIMEOUT_S
+            endpoint.address,
+            connection_timeout=TIMEOUT_S,
+            network_timeout=TIMEOUT_S,
+            **tls,
+            **options,
         )
-    return module.InferenceServerClient(url)
+    if endpoint.tls:
+        return module.InferenceServerClient(
+            endpoint.address, ssl=True, root_certificates=root_certs
+        )
+    return module.InferenceServerClient(endpoint.address)
 
 
 class Requester:
@@ -64,6 +122,7 @@ class Requester:
         self.client = new_client(protocol, url)
         self.requests = [self._inputs(p) for p in posts]
         self.outputs = [self.module.InferRequestedOutput(n) for n in outputs]
+        self.headers = headers(protocol)
 
     def _inputs(self, post: Post) -> list[Any]:
         return [
@@ -74,9 +133,15 @@ class Requester:
     def send(self, i: int) -> None:
         inputs = self.requests[i % len(self.requests)]
         if self.protocol == "http":
-            self.client.infer(ENSEMBLE, inputs, outputs=self.outputs, timeout=int(TIMEOUT_S * 1e6))
+            self.client.infer(
+                ENSEMBLE, inputs, outputs=self.outputs, timeout=int(TIMEOUT_S * 1e6),
+                headers=self.headers,
+            )  # fmt: skip
         else:
-            self.client.infer(ENSEMBLE, inputs, outputs=self.outputs, client_timeout=TIMEOUT_S)
+            self.client.infer(
+                ENSEMBLE, inputs, outputs=self.outputs, client_timeout=TIMEOUT_S,
+                headers=self.headers,
+            )  # fmt: skip
 
     def close(self) -> None:
         try:
@@ -89,9 +154,22 @@ class Requester:
 
 
 def read_stats(url_http: str, models: tuple[str, ...] = (ENSEMBLE, *COMPOSING)) -> dict[str, Any]:
+    """Triton's statistics of `models`. A model whose statistics the server does not serve (404:
+    the TLS front serves the ensemble's only) is left out, but for the first (the ensemble)."""
+    from tritonclient.utils import InferenceServerException
+
     client = new_client("http", url_http)
+    out: dict[str, Any] = {}
     try:
-        return {m: client.get_inference_statistics(model_name=m)["model_stats"][0] for m in models}
+        for m in models:
+            try:
+                stats = client.get_inference_statistics(model_name=m, headers=headers("http"))
+            except InferenceServerException as exc:
+                if m == models[0] or exc.status() not in ("404", "403"):
+                    raise
+                continue
+            out[m] = stats["model_stats"][0]
+        return out
     finally:
         client.close()
 
@@ -101,13 +179,40 @@ def _count_ns(stats: dict[str, Any], key: str) -> tuple[int, int]:
     return int(s.get("count", 0)), int(s.get("ns", 0))
 
 
-def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _batch_compute(stats: dict[str, Any], key: str) -> dict[int, tuple[int, int]]:
+    """batch size -> (executions, ns) of one compute phase, from a model's `batch_stats`."""
+    out: dict[int, tuple[int, int]] = {}
+    for entry in stats.get("batch_stats") or ():
+        phase = entry.get(key) or {}
+        out[int(entry["batch_size"])] = (int(phase.get("count", 0)), int(phase.get("ns", 0)))
+    return out
+
+
+def per_inference_ms(before: dict[str, Any], after: dict[str, Any], key: str) -> float | None:
+    """A compute phase's time per inference (ms) between two snapshots, from `batch_stats`: the
+    executions' time summed over batch sizes / the inferences they served. Triton's per-request
+    averages charge every request its whole batch's time; this is the cost of one post. None
+    where the model reports no batch statistics (an ensemble) or served nothing."""
+    a, b = _batch_compute(after, key), _batch_compute(before, key)
+    inferences = ns = 0
+    for size, (count, time_ns) in a.items():
+        count0, ns0 = b.get(size, (0, 0))
+        inferences += size * (count - count0)
+        ns += time_ns - ns0
+    return round(ns / inferences / 1e6, 4) if inferences > 0 else None
+
+
+def stats_delta(
+    before: dict[str, Any], after: dict[str, Any]
+) -> dict[str, dict[str, float | None]]:
     """Per model: per-request averages (ms) of queue and compute phases, success count and time,
-    executions and the average batch size between two snapshots."""
-    out: dict[str, dict[str, float]] = {}
+    executions, the average batch size, and the compute phase per inference (batch statistics:
+    `compute_infer_per_inference_ms`, None where the model reports none) between two
+    snapshots."""
+    out: dict[str, dict[str, float | None]] = {}
     for model in after:
         a, b = after[model], before[model]
-        row: dict[str, float] = {}
+        row: dict[str, float | None] = {}
         n_ok, ns_ok = (x - y for x, y in zip(_count_ns(a, "success"), _count_ns(b, "success")))
         row["requests"] = n_ok
         row["total_ms"] = round(ns_ok / n_ok / 1e6, 3) if n_ok else 0.0
@@ -118,6 +223,7 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict
         executions = int(a.get("execution_count", 0)) - int(b.get("execution_count", 0))
         row["executions"] = executions
         row["avg_batch"] = round(inferences / executions, 3) if executions else 0.0
+        row["compute_infer_per_inference_ms"] = per_inference_ms(b, a, "compute_infer")
         out["ensemble" if model == ENSEMBLE else model] = row
     return out
 
@@ -152,7 +258,7 @@ def settled_stats(
         after = read_stats(url_http)
         delta = stats_delta(before, after)
         seen = delta["ensemble"]["requests"] + _fails(after, before, ENSEMBLE)
-        steps_done = failed > 0 or all(delta[m]["requests"] >= ok for m in COMPOSING)
+        steps_done = failed > 0 or all(delta[m]["requests"] >= ok for m in COMPOSING if m in delta)
         if (seen >= ok + failed and steps_done) or time.monotonic() > deadline:
             return after
         time.sleep(0.05)
@@ -165,7 +271,8 @@ def _fails(after: dict[str, Any], before: dict[str, Any], model: str) -> int:
 def ensemble_outputs(url_http: str) -> list[str]:
     client = new_client("http", url_http)
     try:
-        return [o["name"] for o in client.get_model_metadata(ENSEMBLE)["outputs"]]
+        metadata = client.get_model_metadata(ENSEMBLE, headers=headers("http"))
+        return [o["name"] for o in metadata["outputs"]]
     finally:
         client.close()
 
@@ -173,7 +280,7 @@ def ensemble_outputs(url_http: str) -> list[str]:
 def server_version(url_http: str) -> str | None:
     client = new_client("http", url_http)
     try:
-        return str(client.get_server_metadata().get("version"))
+        return str(client.get_server_metadata(headers=headers("http")).get("version"))
     except Exception:
         return None
     finally:

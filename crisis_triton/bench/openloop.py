@@ -134,9 +134,10 @@ class GrpcSender:
     def __init__(self, url: str, posts: list[Post], outputs: list[str]) -> None:
         import tritonclient.grpc as module
 
-        self.client = module.InferenceServerClient(url)
+        self.client = loadgen.new_client("grpc", url)
         self.requests = _inputs(module, posts)
         self.outputs = [module.InferRequestedOutput(n) for n in outputs]
+        self.headers = loadgen.headers("grpc")
 
     def run(self, offsets: np.ndarray, tracker: Tracker) -> float:
         def answered(i: int, result: Any = None, error: Any = None) -> None:
@@ -150,7 +151,7 @@ class GrpcSender:
                 self.client.async_infer(
                     ENSEMBLE, self.requests[i % len(self.requests)],
                     functools.partial(answered, i), outputs=self.outputs,
-                    client_timeout=loadgen.TIMEOUT_S,
+                    client_timeout=loadgen.TIMEOUT_S, headers=self.headers,
                 )  # fmt: skip
             except Exception as exc:
                 tracker.finish(i, _error(exc))
@@ -193,10 +194,8 @@ class HttpSender:
             import gevent.lock
             import tritonclient.http as module
 
-            client = module.InferenceServerClient(
-                self.url, concurrency=self.max_connections,
-                connection_timeout=loadgen.TIMEOUT_S, network_timeout=loadgen.TIMEOUT_S,
-            )  # fmt: skip
+            client = loadgen.new_client("http", self.url, concurrency=self.max_connections)
+            sent_headers = loadgen.headers("http")
             requests = _inputs(module, self.posts)
             outputs = [module.InferRequestedOutput(n) for n in self.outputs]
             free = gevent.lock.Semaphore(self.max_connections)
@@ -215,7 +214,7 @@ class HttpSender:
                         try:
                             client.infer(
                                 ENSEMBLE, requests[i % len(requests)], outputs=outputs,
-                                timeout=int(loadgen.TIMEOUT_S * 1e6),
+                                timeout=int(loadgen.TIMEOUT_S * 1e6), headers=sent_headers,
                             )  # fmt: skip
                             error = None
                         except Exception as exc:

@@ -23,13 +23,13 @@ def planned(s: Session) -> int:
         total += cfg.research_requests * (2 if want_cuda(plan) else 1)
     if "onnxruntime" in s.paths:
         variants = len(inprocess.ort_variants(want_cuda(plan)))
-        chains = variants * (len(s.precisions) + plan.cma_clip) + 1
+        chains = variants * (len(s.precisions) * len(s.variants) + plan.cma_clip) + 1
         total += chains * sum(inprocess.ort_samples(cfg.ort_samples, b) for b in plan.batch_sizes)
     if "triton" in s.paths:
         total += sum(n for _, _, n in plan.levels(plan.concurrency))
         opened = sum(round(r * cfg.duration) for r in plan.request_rate)
         total += opened * len(plan.protocols)
-        total *= len(s.precisions) + plan.cma_clip if not plan.url else 1
+        total *= len(s.precisions) * len(s.variants) + plan.cma_clip if not plan.url else 1
     if "one_task" in s.paths and not plan.url:
         total += sum(n for _, _, n in plan.levels(plan.one_task_concurrency))
     return total
@@ -185,10 +185,11 @@ def triton(s: Session, repo: Path, one_repo: Path | None, progress: Progress) ->
     dep = repos.deployment_summary(s.dep)
     if plan.url:
         flavour = plan.flavour or "unknown"
-        triton_levels(
-            s, plan.url, plan.grpc_address(), progress, "triton", levels,
-            flavour=flavour, server_kind="external (--url)",
-        )  # fmt: skip
+        with loadgen.access(loadgen.Access(plan.root_certs, plan.headers)):
+            triton_levels(
+                s, plan.url, plan.grpc_address(), progress, "triton", levels,
+                flavour=flavour, server_kind="external (--url)",
+            )  # fmt: skip
         return
     stopping = None
     if "triton" in s.paths:

@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crisis_triton.bench.openloop import DEFAULT_LATE_MS
+from crisis_triton.bench.variants import DEFAULT_VARIANT
+from crisis_triton.bench.workload import DEFAULT_POST_KIND
+from crisis_triton.client.connection import Endpoint, parse_url
+from crisis_triton.repository.config import Deployment
+
+# The deployment options' defaults are Deployment's (crisis_triton/repository/config.py).
+DEPLOYMENT_DEFAULTS = Deployment()
 
 PATHS = ("research", "onnxruntime", "triton", "one_task")
 
@@ -50,6 +57,7 @@ class BenchmarkPlan:
     """
 
     out: Path = Path("results/benchmark")
+    pa_csv: Path | None = None  # perf_analyzer's CSV of the Triton levels (bench/pa_csv.py)
     quick: bool = False  # tiny model and few requests
     # model
     size: str | None = None  # base | tiny
@@ -58,17 +66,22 @@ class BenchmarkPlan:
     one_task_repo: str | None = None  # export | derive
     seed: int = 0
     precision: tuple[str, ...] = ("fp32",)  # PRECISION or PRECISION:RUNTIME, distinct
+    # export variants of every precision (bench/variants.py), distinct; the first is the run's
+    # reference for the other targets and runs the research path
+    variants: tuple[str, ...] = (DEFAULT_VARIANT,)
     cma_clip: bool = False
     min_agreement: float = 0.99
     repo: Path | None = None  # an exported repository instead of an export
     cache: Path | None = None  # where exports are kept (None: repos.default_cache())
     # Triton deployment
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 2000
-    instances: int = 1
-    preprocess_instances: int = 2
-    url: str | None = None  # HTTP host:port of a running Triton
-    grpc_url: str | None = None
+    max_batch_size: int = DEPLOYMENT_DEFAULTS.max_batch_size
+    max_queue_delay_us: int = DEPLOYMENT_DEFAULTS.max_queue_delay_us
+    instances: int = DEPLOYMENT_DEFAULTS.compute_instances
+    preprocess_instances: int = DEPLOYMENT_DEFAULTS.preprocess_instances
+    url: str | None = None  # HTTP host:port or http(s)://host:port of a running Triton
+    grpc_url: str | None = None  # host:port or grpc(s)://host:port
+    root_certs: str | None = None  # PEM file a TLS url's certificate is checked against
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request to `url` (-H)
     flavour: str | None = None
     # load
     paths: tuple[str, ...] = PATHS
@@ -76,6 +89,7 @@ class BenchmarkPlan:
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     posts: int | None = None
+    posts_kind: str = DEFAULT_POST_KIND  # workload.POST_KINDS: realistic | small
     requests: int | None = None
     research_requests: int | None = None
     ort_samples: int | None = None
@@ -123,11 +137,12 @@ class BenchmarkPlan:
         return [(proto, c, self.count(c)) for proto in self.protocols for c in concurrency]
 
     def grpc_address(self) -> str:
-        """`grpc_url`, else the gRPC port beside `url`'s 8000."""
+        """`grpc_url`, else the gRPC port beside `url`'s 8000 (grpcs:// beside https://)."""
         assert self.url is not None
         if self.grpc_url:
             return self.grpc_url
-        host, _, port = self.url.rpartition(":")
-        if port == "8000":
-            return f"{host}:8001"
+        http = parse_url(self.url, "http")
+        host, _, port = http.address.rpartition(":")
+        if port == "8000" and "/" not in http.address:
+            return Endpoint("grpc", f"{host}:8001", http.tls).url
         raise BenchmarkError("--grpc-url is needed with --url (unless its port is 8000)")

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from crisis_triton.bench import variants as export_variants
+
 Row = dict[str, Any]
 Tick = Callable[[int], None]
 
@@ -136,10 +138,18 @@ def references(rows: Sequence[Row]) -> dict[str, Row | None]:
     }
 
 
+def reference_rows(rows: Sequence[Row]) -> list[Row]:
+    """The rows of the run's first variant (the first row's; rows without one count in): the
+    ratios and targets compare them, the variants have their own comparison (bench/variants.py)."""
+    first = rows[0].get("variant") if rows else None
+    return [r for r in rows if r.get("variant") == first]
+
+
 def add_ratios(rows: list[Row]) -> None:
-    """Each row's throughput relative to in-process ORT at its best batch and to the research path;
-    a one-task row also gets the all-tasks row of the same protocol and concurrency over it."""
-    ref = references(rows)
+    """Each row's throughput relative to in-process ORT at its best batch and to the research path
+    (of the first variant); a one-task row also gets the all-tasks row of the same protocol and
+    concurrency over it."""
+    ref = references(reference_rows(rows))
     ort = ref["ort_best"]["throughput_rps"] if ref["ort_best"] else None
     research = ref["research"]["throughput_rps"] if ref["research"] else None
     for r in rows:
@@ -163,7 +173,9 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """The issue's four targets against this run's rows (None where a row is missing)."""
+    """The issue's four targets against this run's rows of its first variant (None where a row
+    is missing)."""
+    rows = reference_rows(rows)
     ref = references(rows)
     triton = _cpu(rows, "triton")
     out: list[dict[str, Any]] = []
@@ -235,6 +247,14 @@ def precision(row: Row) -> str:
     return str(row.get("precision") or "fp32")
 
 
+def label(row: Row) -> str:
+    """The precision label rows are grouped by: the precision, `+variant` for a variant other
+    than the default export's (fp32+fixed-text, int8:openvino+fast-image)."""
+    variant = row.get("variant")
+    default = variant in (None, export_variants.DEFAULT_VARIANT)
+    return precision(row) + ("" if default else f"+{variant}")
+
+
 def _p99(row: Row) -> float:
     v = row.get("p99_ms")
     return float(v) if isinstance(v, (int, float)) and v == v else float("inf")
@@ -251,8 +271,8 @@ def held_rates(rows: Sequence[Row], budget_ms: float | None) -> list[dict[str, A
     first). status: "held", "none held", or "no budget" (budget_ms None: nothing is judged)."""
     out: list[dict[str, Any]] = []
     open_rows = [r for r in rows if is_open(r)]
-    for prec in dict.fromkeys(precision(r) for r in open_rows):
-        mine = [r for r in open_rows if precision(r) == prec]
+    for prec in dict.fromkeys(label(r) for r in open_rows):
+        mine = [r for r in open_rows if label(r) == prec]
         clean = [r for r in mine if r["errors"] == 0 and _p99(r) < float("inf")]
         lowest = min(clean or mine, key=lambda r: (_p99(r), r["offered_rps"]))
         entry: dict[str, Any] = {
@@ -343,13 +363,15 @@ def where_time_goes(row: Row) -> str:
     for model, s in server.items():
         if model == "ensemble":
             continue
+        per_inference = s.get("compute_infer_per_inference_ms")
         parts.append(
             f"{model} queue {s['queue_ms']:.1f} + infer {s['compute_infer_ms']:.1f} ms "
             f"(in/out {s['compute_input_ms'] + s['compute_output_ms']:.1f}, "
-            f"batch {s['avg_batch']:.2f})"
+            f"batch {s['avg_batch']:.2f}, infer per inference {fmt(per_inference, 2)} ms)"
         )
     return (
-        f"{row['protocol']} {load_label(row)}: client mean {row['mean_ms']:.1f} ms = server "
+        f"{row['path']} {label(row)} {row['protocol']} {load_label(row)}: client mean "
+        f"{row['mean_ms']:.1f} ms = server "
         f"{total:.1f} ms + client/network {row['mean_ms'] - total:.1f} ms; " + "; ".join(parts)
     )
 
@@ -373,7 +395,8 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
         f"- machine: **{m['label']}**",
         f"- software: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
         f"- model: {meta['model']}",
-        f"- inputs: {meta['workload']['posts']} synthetic posts (JPEG "
+        f"- inputs: {meta['workload']['posts']} synthetic "
+        f"{meta['workload'].get('kind', 'small')} posts (JPEG "
         f"~{meta['workload']['image_kib_mean']} KiB, text ~{meta['workload']['text_chars_mean']} "
         "chars), the same for every path",
         f"- Triton deployment: {meta.get('deployment')}",
@@ -407,15 +430,17 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
         "that processes other than the benchmark and its server kept busy meanwhile (a shared "
         "machine: above ~0.1 the row is disturbed).",
         "",
-        "| path | precision | runtime | protocol | device | conc. | batch | requests | req/s "
-        "| p50 ms | p90 ms | p95 ms | p99 ms | mean ms | errors | x ORT | x research | other CPU |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | precision | variant | runtime | protocol | device | conc. | batch | requests "
+        "| req/s | p50 ms | p90 ms | p95 ms | p99 ms | mean ms | errors | x ORT | x research "
+        "| other CPU |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if is_open(r):  # their own section below
             continue
         lines.append(
-            f"| {r['path']} | {r.get('precision', 'fp32')} | {r.get('runtime', '-')} "
+            f"| {r['path']} | {r.get('precision', 'fp32')} | {r.get('variant', '-')} "
+            f"| {r.get('runtime', '-')} "
             f"| {r['protocol']} | {r.get('device', '-')} | {r['concurrency']} "
             f"| {r['batch_size']} | {r['requests']} | {fmt(r['throughput_rps'], 2)} "
             f"| {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r.get('p95_ms'))} "
@@ -445,7 +470,9 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
             "",
             "Per request, in ms, from `/v2/models/<model>/stats` deltas over each level: "
             "queue / compute input / compute infer / compute output, and the average batch that "
-            "dynamic batching formed (inference_count / execution_count). `server` is the "
+            "dynamic batching formed (inference_count / execution_count); i = compute infer per "
+            "inference (batch statistics: each batch's time over the posts it served, where the "
+            "per-request average charges every request its whole batch's time). `server` is the "
             "ensemble's own time per request; `client+net` the client's mean latency minus it.",
             "",
             "| path | protocol | conc. | req/s | mean ms | server | client+net | "
@@ -460,11 +487,12 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
                 cells.append(
                     "-"
                     if s is None
-                    else "/".join(f"{s[f]:.1f}" for f in STEP_FIELDS) + f" b={s['avg_batch']:.2f}"
+                    else "/".join(f"{s[f]:.1f}" for f in STEP_FIELDS)
+                    + f" b={s['avg_batch']:.2f} i={fmt(s.get('compute_infer_per_inference_ms'), 2)}"
                 )
             total = r.get("server_total_ms")
             lines.append(
-                f"| {r['path']} {r.get('precision', 'fp32')} | {r['protocol']} "
+                f"| {r['path']} {label(r)} | {r['protocol']} "
                 f"| {r['concurrency'] if not is_open(r) else load_label(r)} "
                 f"| {r['throughput_rps']:.2f} | {r['mean_ms']:.1f} | {fmt(total)} "
                 f"| {fmt(r['mean_ms'] - total if total is not None else None)} | "
@@ -479,7 +507,11 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any], tgts: Sequence[dict[str,
                 for r in triton_rows
                 if r["path"] == "triton"
             ),
-        ]
+            "",
+            "### Where the time goes",
+            "",
+        ] + [f"- {where_time_goes(r)}" for r in triton_rows if where_time_goes(r)]
+    lines += export_variants.markdown(meta.get("variant_comparison"))
     if meta.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     if "no plot: matplotlib is not installed" not in meta.get("notes", []):
@@ -511,10 +543,10 @@ def open_loop_markdown(rows: Sequence[Row], budget_ms: float | None) -> list[str
         "| p90 ms | p95 ms | p99 ms | failed | late | in flight |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = {p: i for i, p in enumerate(dict.fromkeys(precision(r) for r in open_rows))}
-    for r in sorted(open_rows, key=lambda r: (order[precision(r)], r["path"], r["protocol"])):
+    order = {p: i for i, p in enumerate(dict.fromkeys(label(r) for r in open_rows))}
+    for r in sorted(open_rows, key=lambda r: (order[label(r)], r["path"], r["protocol"])):
         lines.append(
-            f"| {precision(r)} | {r['path']} | {r['protocol']} | {_rate(r['offered_rps'])} "
+            f"| {label(r)} | {r['path']} | {r['protocol']} | {_rate(r['offered_rps'])} "
             f"| {r.get('scheduled', '-')} | {fmt(r['throughput_rps'], 2)} | {fmt(r['p50_ms'])} "
             f"| {fmt(r['p90_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} "
             f"| {r['errors']} | {r.get('late', '-')} | {r['concurrency']} |"
@@ -539,7 +571,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
         if is_open(r):
             key += " open"
         if r.get("precision"):
-            key += f" {r['precision']}"
+            key += f" {label(r)}"
         groups.setdefault(key, []).append(r)
     for key, group in groups.items():
         group = sorted(
@@ -573,7 +605,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
 # Columns every results.csv starts with, in this order (empty where a row has no such key); the
 # other keys follow in alphabetical order.
 CSV_FIRST = (
-    "path", "protocol", "mode", "precision", "device", "concurrency", "batch_size",
+    "path", "protocol", "mode", "precision", "variant", "device", "concurrency", "batch_size",
     "offered_rps", "scheduled", "requests", "errors", "failed", "late", "seconds",
     "throughput_rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms",
 )  # fmt: skip

@@ -1,8 +1,11 @@
 """Model repositories for the benchmark: exported once with export/export.py and cached, cloned
 for the sweep, and re-configured only through `crisis_triton.repository.writer.write_configs`.
 
-A cached export is reused when its export report passed and the export code has not changed
-since (a hash of export/*.py is kept beside it); otherwise it is exported again.
+A cached export is reused when its export report passed, the export code has not changed
+since (a hash of export/*.py is kept beside it) and the repository is of the variant asked for
+(its deployment.json `fixed_text_length`, its preprocess.json `fast_image`: an entry written by
+older code under the same key, 77-token graphs, is never taken for a text-at-its-own-length one);
+otherwise it is exported again.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crisis_triton.bench.variants import DEFAULT_VARIANT, VARIANTS, of_repository
+from crisis_triton.contract.sample_inputs import concrete_shape
 from crisis_triton.contract.spec import (
     CMA_CLIP,
     ENSEMBLE,
@@ -29,6 +34,7 @@ from crisis_triton.contract.spec import (
     IMAGE_TOKENS,
     PRECISION_PARAMETER,
     PREPROCESS,
+    TEXT_ENCODER,
     WEIGHTS_PARAMETER,
     EncoderConfig,
     ModelSpecs,
@@ -48,6 +54,7 @@ from crisis_triton.repository.config import (
 )
 from crisis_triton.repository.writer import (
     read_deployment_json,
+    read_preprocess_spec,
     served_version,
     write_configs,
     write_repository,
@@ -88,6 +95,7 @@ class ModelChoice:
     min_agreement: float = DEFAULT_MIN_AGREEMENT  # the gate of a reduced precision
     runtime: str = ""  # the encoders' runtime where the precision has two (int8: openvino)
     head: str = HEAD_VARIANTS[0]  # export.py --head (cma_clip: fp32 only)
+    variant: str = DEFAULT_VARIANT  # bench/variants.py: the export options of the variant
 
     @property
     def label(self) -> str:
@@ -97,6 +105,7 @@ class ModelChoice:
     def key(self) -> str:
         suffix = "" if self.label == "fp32" else f"_{self.label.replace(':', '-')}"
         suffix += "" if self.head == HEAD_VARIANTS[0] else f"_{self.head}"
+        suffix += "" if self.variant == DEFAULT_VARIANT else f"_{self.variant}"
         return f"{self.size}_seed{self.seed}_{'-'.join(self.tasks)}{suffix}"
 
     def export_args(self, out: Path, dep: Deployment) -> list[str]:
@@ -115,23 +124,37 @@ class ModelChoice:
             ["--head", self.head] if self.head != HEAD_VARIANTS[0] else []
         ) + (
             ["--response-cache"] if dep.response_cache else []
-        )  # fmt: skip
+        ) + VARIANTS[self.variant].export_options()  # fmt: skip
 
     def describe(self) -> str:
         arch = "ViT-B/32" if self.size == "base" else "tiny CLIP"
         return (
             f"{arch} ({SIZES[self.size]}), RANDOM weights, tasks {','.join(self.tasks)}, "
-            f"precision {self.label}" + ("" if self.head == HEAD_VARIANTS[0] else f", {self.head}")
+            f"precision {self.label}"
+            + ("" if self.head == HEAD_VARIANTS[0] else f", {self.head}")
+            + ("" if self.variant == DEFAULT_VARIANT else f", variant {self.variant}")
         )
 
 
-def _stamp_ok(repo: Path, stamp: dict) -> bool:
+def variant_of(repo: Path) -> str:
+    """The variant (bench/variants.py) an exported repository is: its deployment.json's
+    `fixed_text_length` (a deployment.json from before it: 77-token graphs) and its
+    preprocess.json's `fast_image`."""
+    dep = read_deployment_json(repo)
+    fixed = True if dep is None else dep.fixed_text_length
+    return of_repository(fixed, read_preprocess_spec(repo).fast_image)
+
+
+def _stamp_ok(repo: Path, stamp: dict, variant: str = DEFAULT_VARIANT) -> bool:
+    """A cached export may be reused: its report passed, its stamp (export arguments, sources)
+    is `stamp`, and it is a repository of `variant` (never an older layout under the same key)."""
     try:
         report = json.loads((repo / "export_report.json").read_text())
         have = json.loads((repo / STAMP).read_text())
-    except (OSError, ValueError):
+        layout = variant_of(repo)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    return bool(report.get("passed")) and have == stamp
+    return bool(report.get("passed")) and have == stamp and layout == variant
 
 
 def export(choice: ModelChoice, cache: Path, dep: Deployment, log: Path) -> tuple[Path, bool]:
@@ -139,8 +162,13 @@ def export(choice: ModelChoice, cache: Path, dep: Deployment, log: Path) -> tupl
     matching earlier export there and writes `dep`'s configs into it."""
     repo = cache / choice.key
     stamp = {"args": choice.export_args(Path("OUT"), Deployment()), "sources": _source_hash()}
-    dep = dataclasses.replace(dep, precision=choice.precision, runtime=choice.runtime)
-    if _stamp_ok(repo, stamp):
+    dep = dataclasses.replace(
+        dep,
+        precision=choice.precision,
+        runtime=choice.runtime,
+        fixed_text_length=VARIANTS[choice.variant].fixed_text_length,
+    )
+    if _stamp_ok(repo, stamp, choice.variant):
         read_deployment(repo).write(repo, dep)
         return repo, True
     from crisis_triton.export.cli import parse_request
@@ -160,6 +188,10 @@ def export(choice: ModelChoice, cache: Path, dep: Deployment, log: Path) -> tupl
                 code = 2
     if code != 0:
         raise RuntimeError(f"export failed (exit {code}); see {log}")
+    if variant_of(repo) != choice.variant:  # e.g. a fast image path asked for and not written
+        raise RuntimeError(
+            f"export of variant {choice.variant} wrote a {variant_of(repo)} repository ({repo})"
+        )
     (repo / STAMP).write_text(json.dumps(stamp) + "\n")
     return repo, False
 
@@ -210,8 +242,14 @@ def read_deployment(repo: Path) -> Deployed:
     tasks = tuple(t for o in configs[HEAD].output if (t := task_of_output(o.name)))
     head_inputs = {t.name for t in configs[HEAD].input}
     head = CMA_CLIP if IMAGE_TOKENS in head_inputs else HEAD_VARIANTS[0]
-    specs = build_specs(encoder, tasks, head, text_only=IMAGE_PRESENT in head_inputs)
     dep = read_deployment_json(repo) or _deployment_from_configs(repo, configs)
+    specs = build_specs(
+        encoder,
+        tasks,
+        head,
+        text_only=IMAGE_PRESENT in head_inputs,
+        fixed_text_length=dep.fixed_text_length,
+    )
     ensemble = configs.get(ENSEMBLE)
     param = ensemble.parameters.get(WEIGHTS_PARAMETER) if ensemble is not None else None
     weights = param.string_value if param is not None and param.string_value else None
@@ -254,6 +292,8 @@ def _deployment_from_configs(repo: Path, configs: dict) -> Deployment:
         ort_accelerator=accel[0].name if accel else "",
         ort_options=ort_options_of(accel[0].name, dict(accel[0].parameters)) if accel else {},
         response_cache=image.response_cache.enable,
+        # token ids of a fixed length (77) in the text encoder's config, else -1: its own length
+        fixed_text_length=int(configs[TEXT_ENCODER].input[0].dims[-1]) > 0,
     )
     return dep
 
@@ -324,7 +364,10 @@ def derive_one_task(src: Path, dst: Path, task: str) -> Path:
     part = dst / HEAD / "1" / "model.onnx"
     extract_model(str(full), str(part), one.head.input_names, [probs_name(task)])
     rng = np.random.default_rng(0)
-    feed = {t.name: rng.standard_normal((3, *t.dims)).astype(np.float32) for t in one.head.inputs}
+    feed = {
+        t.name: rng.standard_normal(concrete_shape(t, 3, 8)).astype(np.float32)
+        for t in one.head.inputs
+    }
     (want,) = ort.InferenceSession(str(full)).run([probs_name(task)], feed)
     (got,) = ort.InferenceSession(str(part)).run(None, feed)
     if not np.allclose(want, got, atol=1e-6):

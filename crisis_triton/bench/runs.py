@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crisis_triton.bench import cache_stream, machine, paths, precision_targets, report, repos
+from crisis_triton.bench import (
+    cache_stream,
+    machine,
+    pa_csv,
+    paths,
+    precision_targets,
+    report,
+    repos,
+    variants,
+)
 from crisis_triton.bench import sweep as sweeping
 from crisis_triton.bench.plan import BenchmarkError, BenchmarkPlan
 from crisis_triton.bench.progress import Progress
@@ -83,15 +92,22 @@ def run_benchmark(plan: BenchmarkPlan, command: str = API_COMMAND) -> BenchmarkR
     s = Session(plan, command)
     load_start = machine.load_average()
     started = time.perf_counter()
-    repo, choice = s.repository()
+    # every precision in every variant; the first (precision, variant) runs the research path,
+    # the sequential chain and the one-task comparison
+    first, *rest = [(p, v) for p in s.precisions for v in s.variants]
+    repo, choice = s.repository(first[0], variant=first[1])
     one_repo = None
     if "one_task" in s.paths and not plan.url:
         one_repo = s.one_task_repository(repo, choice)
     elif "one_task" in s.paths:
         s.notes.append("one-task comparison skipped: --url serves one repository")
-    others = [s.repository(p) for p in s.precisions[1:]]
+    others = [s.repository(p, variant=v) for p, v in rest]
     if plan.cma_clip:  # beside the paper's head, in fp32
-        cma_repo, cma_choice = s.repository("fp32", head="cma_clip")
+        # cma_clip is exported on the exact image path only (crisis-export refuses --fast-image)
+        exact = [v for v in s.variants if not variants.VARIANTS[v].fast_image]
+        cma_repo, cma_choice = s.repository(
+            "fp32", head="cma_clip", variant=next(iter(exact), variants.DEFAULT_VARIANT)
+        )
         s.heads[cma_repo] = "cma_clip"
         others.append((cma_repo, cma_choice))
         s.notes.append(
@@ -110,17 +126,29 @@ def run_benchmark(plan: BenchmarkPlan, command: str = API_COMMAND) -> BenchmarkR
             s.tag(s.rows[start:], prec_repo)
     finally:
         progress.close()
+    for r in s.rows:
+        r["posts_kind"] = plan.posts_kind
+    if len(s.variants) > 1:
+        s.notes.append(
+            f"variants {', '.join(s.variants)}: every precision exported once per variant "
+            f"(bench/variants.py); the targets above the Variants section read the "
+            f"{s.variants[0]} rows only"
+        )
     s.notes.append(
         "Triton rows measure end to end from encoded bytes (preprocessing on the server); "
         "model-only in-process rows exclude preprocessing, reported in the `preprocess` row "
         "and included in the `+preprocess` rows"
     )
+    described = machine.describe()
+    reference_rows = [r for r in s.rows if r.get("variant") == s.variants[0]]
     meta = {
         **s.meta(choice),
         "precisions": s.precisions,
+        "variants": s.variants,
+        "variant_comparison": variants.compare(s.rows, s.variants, described),
         "precision_gates": s.gates,
         "precision_targets": precision_targets.targets(
-            s.rows, machine.describe()["cpu_class"], s.gates
+            reference_rows, described["cpu_class"], s.gates
         ),
         "load_start": load_start,
         "load_end": machine.load_average(),
@@ -128,6 +156,9 @@ def run_benchmark(plan: BenchmarkPlan, command: str = API_COMMAND) -> BenchmarkR
         "seconds": round(time.perf_counter() - started, 1),
     }
     files = report.write(plan.out, s.rows, meta)
+    if plan.pa_csv is not None:
+        for written in pa_csv.write(plan.pa_csv, s.rows, s.posts):
+            files[f"pa_csv:{written.name}"] = written
     return BenchmarkReport(s.rows, meta, files, files["markdown"].read_text())
 
 
@@ -164,6 +195,7 @@ def run_sweep(plan: BenchmarkPlan, command: str = API_COMMAND) -> SweepReport:
     meta = s.meta(choice)
     for r in rows:
         r["machine"] = meta["machine"]
+        r["posts_kind"] = plan.posts_kind
     s.out.mkdir(parents=True, exist_ok=True)
     files = {"json": s.out / "sweep.json", "markdown": s.out / "sweep.md"}
     files["json"].write_text(json.dumps(rows, indent=1) + "\n")
@@ -215,6 +247,7 @@ def run_cache_benchmark(plan: BenchmarkPlan, command: str = API_COMMAND) -> Cach
             plan.seed,
             progress.tick,
             progress.phase,
+            kind=plan.posts_kind,
         )
     finally:
         progress.close()
@@ -228,6 +261,7 @@ def run_cache_benchmark(plan: BenchmarkPlan, command: str = API_COMMAND) -> Cach
     }
     for r in rows:
         r["machine"] = meta["machine"]
+        r["posts_kind"] = plan.posts_kind
     s.out.mkdir(parents=True, exist_ok=True)
     files = {
         "json": s.out / "results.json",

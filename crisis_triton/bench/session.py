@@ -44,6 +44,8 @@ class Session:
     def __init__(self, plan: BenchmarkPlan, command: str) -> None:
         if plan.url and (len(plan.precision) > 1 or plan.cma_clip):
             raise BenchmarkError("--url serves one repository: give one --precision, no --cma-clip")
+        if (plan.url or plan.repo) and len(plan.variants) > 1:
+            raise BenchmarkError("--variants exports its repositories: drop --url / --repo")
         self.plan = plan
         self.command = command
         self.cfg = plan.settings()
@@ -59,11 +61,12 @@ class Session:
             preprocess_instances=plan.preprocess_instances,
         )
         self.precisions: list[str] = list(plan.precision)
+        self.variants: list[str] = list(plan.variants)
         self.gates: dict[str, float | None] = {}
         self.heads: dict[Path, str] = {}  # repositories of another head than the paper's
         self.notes: list[str] = []
         self.rows: list[report.Row] = []
-        self.posts = workload.make_posts(self.cfg.posts, seed=plan.seed)
+        self.posts = workload.make_posts(self.cfg.posts, seed=plan.seed, kind=plan.posts_kind)
         self.server_version: str | None = None
 
     # -------------------------------------------------------------- measuring
@@ -113,7 +116,9 @@ class Session:
 
         if self.plan.url:
             precision, runtime = self.precisions[0], f"external Triton ({self.plan.flavour})"
+            variant = self.variants[0]
         else:
+            variant = repos.variant_of(repo)
             deployed = repos.read_deployment(repo)
             # int8 on OpenVINO is labelled int8:openvino, so both int8 runtimes stand apart
             precision = deployed.dep.precision + (
@@ -126,6 +131,7 @@ class Session:
                 self.gates[precision] = min(t["agreement"] for t in gate["tasks"].values())
         head = self.heads.get(repo)
         for row in rows:
+            row.setdefault("variant", variant)
             if head is not None:  # the cma_clip rows stand apart from the paper's head's
                 row["path"] = f"{row['path']}-{head}"
                 row["head"] = head
@@ -141,9 +147,11 @@ class Session:
 
     # -------------------------------------------------------------- repositories
     def repository(
-        self, precision: str = "fp32", head: str | None = None
+        self, precision: str = "fp32", head: str | None = None, variant: str | None = None
     ) -> tuple[Path, repos.ModelChoice]:
-        """The plan's `repo`, else the random-weights export of this precision (and head)."""
+        """The plan's `repo`, else the random-weights export of this precision, head and variant
+        (default: the plan's first). A variant whose export fails (a --fast-image gate missed)
+        fails the run: nothing falls back to another variant."""
         plan = self.plan
         if plan.repo is not None:
             deployed = repos.read_deployment(plan.repo)
@@ -155,24 +163,34 @@ class Session:
                     f"one of the random-weights sizes {list(repos.SIZES)}"
                 )
             self.dep = dep
+            self.variants = [repos.variant_of(plan.repo)]
             self.notes.append(
                 f"repository given with --repo: {plan.repo}; the research path "
                 f"uses the same architecture with random weights (seed {plan.seed})"
             )
-            return plan.repo, repos.ModelChoice(size, specs.tasks, plan.seed)
+            choice = repos.ModelChoice(size, specs.tasks, plan.seed, variant=self.variants[0])
+            return plan.repo, choice
         precision, _, runtime = precision.partition(":")
         choice = repos.ModelChoice(
-            self.cfg.size, plan.tasks, plan.seed, precision, plan.min_agreement, runtime
-        )
+            self.cfg.size, plan.tasks, plan.seed, precision, plan.min_agreement, runtime,
+            variant=variant or self.variants[0],
+        )  # fmt: skip
         if head is not None:
             choice = dataclasses.replace(choice, head=head)
         log(f"export {choice.describe()} (cached in {self.cache}) ...")
         t0 = time.perf_counter()
         log_file = self.logs / f"export{'' if choice.label == 'fp32' else '_' + choice.label}.log"
         log_file = log_file.with_name(
-            log_file.stem + ("" if head is None else f"_{head}") + log_file.suffix
-        )
-        repo, reused = repos.export(choice, self.cache, self.dep, log_file)
+            log_file.stem + ("" if head is None else f"_{head}")
+            + ("" if len(self.variants) == 1 else f"_{choice.variant}") + log_file.suffix
+        )  # fmt: skip
+        try:
+            repo, reused = repos.export(choice, self.cache, self.dep, log_file)
+        except RuntimeError as exc:
+            raise BenchmarkError(
+                f"variant {choice.variant} of {choice.label}: {exc} (a failed gate fails the "
+                "variant; nothing falls back to another)"
+            ) from exc
         self.notes.append(
             f"repository {'reused from an earlier export' if reused else 'exported'} with "
             f"`export/export.py {' '.join(choice.export_args(Path('REPO'), self.dep))}`"
@@ -191,7 +209,7 @@ class Session:
                 f"the head's ONNX subgraph for {task} (checked equal)"
             )
             return dst
-        one = repos.ModelChoice(choice.size, (task,), choice.seed)
+        one = repos.ModelChoice(choice.size, (task,), choice.seed, variant=choice.variant)
         log(f"export {one.describe()} ...")
         path, reused = repos.export(one, self.cache, self.dep, self.logs / "export_one_task.log")
         self.notes.append(
@@ -206,7 +224,7 @@ class Session:
         return {
             "machine": machine.describe(self.server_version),
             "model": choice.describe() + " (speed is the architecture's; predictions meaningless)",
-            "workload": workload.describe(self.posts),
+            "workload": workload.describe(self.posts, self.plan.posts_kind),
             "deployment": (
                 "external server (--url): see its configs"
                 if self.plan.url

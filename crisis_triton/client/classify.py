@@ -53,16 +53,24 @@ from crisis_triton.client.journal import (
     pending_rows,
     write_atomic,
 )
+from crisis_triton.client.metadata import text_only_note_of
 from crisis_triton.client.options import (
     DEFAULT_CONCURRENCY,
     ClientOptions,
     UsageError,
+    open_client,
     warn_if_random,
 )
 from crisis_triton.client.output import PROG, Progress, format_predictions, predictions_json
 from crisis_triton.client.retries import DEFAULT_RETRIES, DEFAULT_RETRY_DEADLINE_S
 from crisis_triton.client.single import PostRequest, classify_post
-from crisis_triton.contract.names import CAPTION_INPUT, ENSEMBLE, IMAGE_INPUT, TEXT_INPUT
+from crisis_triton.contract.names import (
+    CAPTION_INPUT,
+    ENSEMBLE,
+    IMAGE_INPUT,
+    TEXT_INPUT,
+    TEXT_ONLY_NOTE_PREFIX,
+)
 
 __all__ = [  # the command, and the library names importable from here before the split
     "DEFAULT_CONCURRENCY",
@@ -417,8 +425,20 @@ def _run(request: PostRequest | BatchRequest, as_json: bool, stdout: TextIO) -> 
         stdout.write(json.dumps(predictions_json(predictions, request.top_k is not None)) + "\n")
     else:
         stdout.write(format_predictions(predictions) + "\n")
+        if request.image is None:
+            stdout.write(_text_only_note(request.client) + "\n")
     stdout.flush()
     return ExitCode.OK
+
+
+def _text_only_note(options: ClientOptions) -> str:
+    """How well the served repository answers posts without an image (text_only_note_of); the
+    answer is already given, so a failure to read it is said, not raised."""
+    try:
+        with open_client(options) as client:
+            return text_only_note_of(client.weights_note())
+    except ClientError as exc:
+        return f"{TEXT_ONLY_NOTE_PREFIX} the repository's figure could not be read ({exc})"
 
 
 def _fail(message: str, code: ExitCode) -> int:

@@ -77,6 +77,10 @@ HEAD = "fusion_head"
 # Ensemble config parameter telling clients where the weights came from ("RANDOM ..." when random).
 WEIGHTS_PARAMETER = "weights"
 RANDOM_WEIGHTS_NOTE = "RANDOM weights: for tests and demos, predictions are meaningless"
+# The segment of that parameter ("; "-separated) saying how well the served heads answer posts
+# without an image, from their head files' test metrics (or that no such figure exists):
+# "text-only posts: task1 accuracy 0.78 on the head's test split (full posts 0.89); ...".
+TEXT_ONLY_NOTE_PREFIX = "text-only posts:"
 # Ensemble config parameter naming the encoders' precision when it is not fp32 (int8, bf16, fp16).
 PRECISION_PARAMETER = "precision"
 

@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from crisis_triton.contract.spec import GraphSpec, TensorSpec
+from crisis_triton.contract.spec import TEXT_LENGTH_OPT, GraphSpec, TensorSpec
 
 
-def fixed_input(t: TensorSpec, batch: int, rng: np.random.Generator, vocab_size: int) -> np.ndarray:
-    """Deterministic, realistic inputs: normalised pixels in [-1, 1], CLIP-shaped token rows."""
-    shape = t.batched_shape(batch)
+def concrete_shape(t: TensorSpec, batch: int, length: int) -> tuple[int, ...]:
+    """The shape of `batch` rows of `t` with its dynamic (-1) dims, the tokens, at `length`."""
+    return tuple(length if d == -1 else d for d in t.batched_shape(batch))
+
+
+def fixed_input(
+    t: TensorSpec,
+    batch: int,
+    rng: np.random.Generator,
+    vocab_size: int,
+    length: int = TEXT_LENGTH_OPT,
+) -> np.ndarray:
+    """Deterministic, realistic inputs: normalised pixels in [-1, 1], CLIP-shaped token rows;
+    `length`: the tokens of a dynamic (-1) dim (a fixed dim keeps its own)."""
+    shape = concrete_shape(t, batch, length)
     if t.values == "flag":  # image_present: present in even rows, absent in odd ones
         return (np.arange(batch) % 2 == 0).astype(np.float32).reshape(shape)
     if t.values == "mask":  # text_mask: 1.0 up to a random end-of-text position, then 0.0
-        (length,) = t.dims
+        (length,) = shape[1:]
         ends = rng.integers(1, length, size=batch)
         return (np.arange(length)[None, :] <= ends[:, None]).astype(np.float32)
     if t.dtype == "int64":
-        (length,) = t.dims
+        (length,) = shape[1:]
         ids = np.full(shape, vocab_size - 1, dtype=np.int64)  # <|endoftext|> pads
         for row in ids:
             n = int(rng.integers(0, length - 1))
@@ -34,6 +46,9 @@ def fixed_input(t: TensorSpec, batch: int, rng: np.random.Generator, vocab_size:
     return rng.standard_normal(size=shape).astype(np.float32)
 
 
-def fixed_inputs(spec: GraphSpec, batch: int, seed: int, vocab_size: int) -> dict[str, np.ndarray]:
+def fixed_inputs(
+    spec: GraphSpec, batch: int, seed: int, vocab_size: int, length: int = TEXT_LENGTH_OPT
+) -> dict[str, np.ndarray]:
+    """fixed_input of every input of `spec`, dynamic dims at `length` tokens."""
     rng = np.random.default_rng(seed)
-    return {t.name: fixed_input(t, batch, rng, vocab_size) for t in spec.inputs}
+    return {t.name: fixed_input(t, batch, rng, vocab_size, length) for t in spec.inputs}

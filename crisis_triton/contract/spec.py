@@ -92,6 +92,8 @@ __all__ = [
     "TENSORRT_MIN_COSINE",
     "TENSORRT_PROBS_ATOL",
     "TENSORRT_TOP1_MARGIN",
+    "TEXT_LENGTH_MIN",
+    "TEXT_LENGTH_OPT",
     "TRITON_DTYPES",
     "EncoderConfig",
     "GraphSpec",
@@ -115,6 +117,12 @@ HEAD_TYPES: tuple[str, ...] = (*HEAD_VARIANTS, CMA_CLIP)
 TENSORRT_MIN_COSINE = 0.999
 TENSORRT_PROBS_ATOL = 1e-2
 TENSORRT_TOP1_MARGIN = 1e-3
+
+# Text at its own length (docs/fidelity.md): the shortest text is <|startoftext|> <|endoftext|>;
+# TensorRT profiles (engines, ONNX Runtime's TensorRT provider) tune their kernels for OPT tokens
+# (a tweet of 60-280 characters is about 15-70 tokens) and take up to the context length.
+TEXT_LENGTH_MIN = 2
+TEXT_LENGTH_OPT = 32
 
 # The export's end-to-end check (one post through preprocessing and the ONNX chain against
 # PyTorch): every head output within this max abs diff (the issue's bound for a served answer).
@@ -143,6 +151,11 @@ class TensorSpec:
     # (crisis_triton/contract/sample_inputs.py): "" any,
     # "mask" 1.0 on a prefix then 0.0 (text_mask), "flag" 0.0 or 1.0 (image_present).
     values: str = ""
+    # What fills a dynamic (-1) dim beyond a row's own length when rows of different lengths are
+    # batched: <|endoftext|> for token ids (as the tokenizer pads), 0 for token features and masks.
+    pad: int = 0
+    # The most a dynamic (-1) dim takes (the encoder's context length); 0 for fixed dims.
+    max_length: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in TRITON_DTYPES:
@@ -151,6 +164,8 @@ class TensorSpec:
             raise ValueError(f"{self.name}: unknown values kind {self.values!r}")
         if any(d != -1 and d <= 0 for d in self.dims):
             raise ValueError(f"{self.name}: dims must be -1 or positive, got {self.dims}")
+        if (-1 in self.dims) != (self.max_length > 0):
+            raise ValueError(f"{self.name}: max_length goes with a dynamic (-1) dim, and only so")
 
     @property
     def triton_dtype(self) -> str:
@@ -238,6 +253,9 @@ class ModelSpecs:
     # Whether the head answers posts without an image (docs/text-only.md): cma_clip always; the
     # paper's head when trained with modality dropout (its graph then takes image_present).
     text_only: bool = False
+    # Whether text runs as context_length tokens (--fixed-text-length) or at its own length
+    # (dims -1 along the tokens; docs/fidelity.md, "Text at its own length").
+    fixed_text_length: bool = False
 
     @property
     def onnx_graphs(self) -> tuple[GraphSpec, ...]:
@@ -282,9 +300,12 @@ def build_specs(
     tasks: Sequence[str] = DEFAULT_TASKS,
     head: str = HEAD_VARIANTS[0],
     text_only: bool = False,
+    fixed_text_length: bool = False,
 ) -> ModelSpecs:
     """Every model's spec. `head`: one of HEAD_TYPES; `text_only`: whether the paper's head was
-    trained with modality dropout (always true for cma_clip). Exports of the paper's head without
+    trained with modality dropout (always true for cma_clip); `fixed_text_length`: token ids (and
+    cma_clip's text tokens and mask) as context_length tokens instead of each post's own length
+    (dims -1; exact, docs/fidelity.md). Exports of the paper's head without
     it keep the graphs of before; every export's ensemble takes `image` as optional, and the
     preprocess model refuses a post without one when the head cannot answer it
     (PreprocessSpec.image_optional)."""
@@ -295,9 +316,12 @@ def build_specs(
         raise ValueError(f"unknown or no tasks {list(tasks)}; known: {list(ALL_TASKS)}")
     tasks = tuple(t for t in ALL_TASKS if t in tasks)  # canonical order
     text_only = text_only or head == CMA_CLIP
-    size, ctx = encoder.image_size, encoder.context_length
+    size = encoder.image_size
+    ctx = encoder.context_length if fixed_text_length else -1
+    longest = 0 if fixed_text_length else encoder.context_length  # TensorSpec.max_length
     pixels = TensorSpec(PIXELS, "float32", (3, size, size))
-    ids = TensorSpec(INPUT_IDS, "int64", (ctx,))
+    # padded with <|endoftext|>: the last id of CLIP's vocabulary
+    ids = TensorSpec(INPUT_IDS, "int64", (ctx,), pad=encoder.vocab_size - 1, max_length=longest)
     present = TensorSpec(IMAGE_PRESENT, "float32", (1,), values="flag")
     used = TensorSpec(MODALITIES_USED, "float32", (len(MODALITIES),))
     probs = tuple(TensorSpec(probs_name(t), "float32", (len(LABELS[t]),), labels=t) for t in tasks)
@@ -315,8 +339,8 @@ def build_specs(
             TensorSpec(IMAGE_TOKENS, "float32", (image_token_count(encoder), encoder.image_dim)),
         )
         txt_out: tuple[TensorSpec, ...] = (
-            TensorSpec(TEXT_TOKENS, "float32", (ctx, encoder.text_dim)),
-            TensorSpec(TEXT_MASK, "float32", (ctx,), values="mask"),
+            TensorSpec(TEXT_TOKENS, "float32", (ctx, encoder.text_dim), max_length=longest),
+            TensorSpec(TEXT_MASK, "float32", (ctx,), values="mask", max_length=longest),
         )
         weights = tuple(
             TensorSpec(modality_weights_name(t), "float32", (len(MODALITIES),)) for t in tasks
@@ -343,4 +367,5 @@ def build_specs(
         tasks=tasks,
         head_type=head,
         text_only=text_only,
+        fixed_text_length=fixed_text_length,
     )

@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=96,
         help="synthetic posts when --eval-posts is not given (default %(default)s)",
     )
+    gate.add_argument(
+        "--fast-image",
+        action="store_true",
+        help="serve a cheaper image path (JPEG decoded DCT-scaled to >= 2x the resize target, "
+        "the photo resized before padding: about 4x less CPU on a 2048x1536 photo), gated "
+        "like a precision: the same graphs on the fast vs the exact pixels of --eval-posts (or "
+        "photo-sized synthetic posts) must agree, or nothing is written; with --precision auto, "
+        "offered per candidate where that gate passes. Recorded in preprocess.json "
+        "(docs/precision.md)",
+    )
     out.add_argument(
         "--runtime",
         choices=("onnxruntime", "openvino"),
@@ -192,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="instances per encoder/head model (default %(default)s)",
     )
     out.add_argument("--preprocess-instances", type=int, default=2, help="default: %(default)s")
+    out.add_argument(
+        "--fixed-text-length",
+        action="store_true",
+        help="run every post's text as the context length (77 tokens), as exports before "
+        "2026-12-06 did, instead of at its own length (exact either way; the default is about "
+        "2x faster in the text encoder; docs/fidelity.md). Recorded in deployment.json",
+    )
+    out.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="write no model_warmup: models are reported ready cold and the first posts pay "
+        "for the runtimes' deferred initialisation (by default every composing model runs a "
+        "sample post from its warmup/ folder before it is ready; docs/reliability.md, "
+        '"Warm pods"). Recorded in deployment.json',
+    )
     out.add_argument(
         "--response-cache",
         action=argparse.BooleanOptionalAction,

@@ -27,7 +27,13 @@ from crisis_triton.contract.spec import (
     ModelSpecs,
     build_specs,
 )
-from crisis_triton.export.report import RANDOM_BANNER, REPORT_FILE, ExportReport
+from crisis_triton.export.report import (
+    RANDOM_BANNER,
+    REPORT_FILE,
+    ExportReport,
+    text_only_metrics_of,
+    text_only_note,
+)
 from crisis_triton.export.request import ExportRequest
 from crisis_triton.models.weights import LoadedModels, UsageError, load_weights, no_image_reason
 from crisis_triton.preprocess.posts import PreprocessSpec
@@ -53,7 +59,7 @@ def export_repository(request: ExportRequest) -> ExportReport:
         return _write_configs(request, dep)
     preprocess_spec_of(request, PreprocessSpec())  # bad limits fail before the slow load
     loaded = load_weights(request.weights)
-    _check_head_deployment(loaded.head_type, precision, request.backend)
+    _check_head_deployment(loaded.head_type, precision, request.backend, request.fast_image)
     enc = loaded.encoders
     preprocess_spec = preprocess_spec_of(request, enc.config.preprocess_spec())
     if enc.random_weights:
@@ -97,15 +103,17 @@ def check_request(request: ExportRequest) -> tuple[str, Deployment, bool]:
     try:
         dep = _deployment(request)
         # what the head allows first: it does not depend on this machine's CPU
-        _check_head_deployment(request.weights.head, precision, request.backend)
+        _check_head_deployment(request.weights.head, precision, request.backend, request.fast_image)
         refused = check_requested(precision, dep)
         if refused:
             raise UsageError(f"--precision {precision}: {refused}")
         if not 0.0 < request.min_agreement <= 1.0:
             raise UsageError("--min-agreement must lie in (0, 1]")
         if request.eval_posts is not None:
-            if precision == "fp32":
-                raise UsageError("--eval-posts feeds the precision gate: add --precision")
+            if precision == "fp32" and not request.fast_image:
+                raise UsageError(
+                    "--eval-posts feeds the precision gate: add --precision or --fast-image"
+                )
             read_eval_posts(request.eval_posts)  # unreadable posts fail before the slow load
         _check_replaceable(request.out)
         adding = _adding_version(request)
@@ -124,11 +132,12 @@ def _write_configs(request: ExportRequest, dep: Deployment) -> ExportReport:
     head_type = request.weights.head or HEAD_TYPES[0]
     try:
         pre_spec = preprocess_spec_of(request, config.preprocess_spec())
-        specs = build_specs(config, tasks, head_type)
+        specs = build_specs(config, tasks, head_type, fixed_text_length=dep.fixed_text_length)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     reason = "" if specs.text_only else no_image_reason(head_type, specs.tasks, True)
-    write_repository(request.out, specs, dep, serving_preprocess(pre_spec, specs, reason))
+    serving = serving_preprocess(pre_spec, specs, reason, dep.backend)
+    write_repository(request.out, specs, dep, serving)
     return ExportReport(out=request.out, passed=True, configs_only=True)
 
 
@@ -168,14 +177,24 @@ def _deployment(request: ExportRequest) -> Deployment:
         precision=precision,
         model_version=request.model_version or 1,
         response_cache=request.response_cache,
+        fixed_text_length=request.fixed_text_length,
+        warmup=request.warmup,
     )
 
 
-def _check_head_deployment(head: str | None, precision: str, backend: str) -> None:
-    """cma_clip is exported in FP32 for the python and onnxruntime flavours only: its reduced
-    precisions and TensorRT engines are not gated or verified here (docs/text-only.md)."""
+def _check_head_deployment(
+    head: str | None, precision: str, backend: str, fast_image: bool = False
+) -> None:
+    """cma_clip is exported in FP32 for the python and onnxruntime flavours only, on the exact
+    image path: its reduced precisions, fast image path and TensorRT engines are not gated or
+    verified here (docs/text-only.md)."""
     if head != CMA_CLIP:
         return
+    if fast_image:
+        raise UsageError(
+            "--head cma_clip is exported on the exact image path only (--fast-image: the gate "
+            "covers the paper's head)"
+        )
     if precision != "fp32":
         raise UsageError(
             f"--head cma_clip is exported in fp32 only (--precision {precision}: the precision "
@@ -188,9 +207,18 @@ def _check_head_deployment(head: str | None, precision: str, backend: str) -> No
         )
 
 
-def serving_preprocess(base: PreprocessSpec, specs: ModelSpecs, reason: str) -> PreprocessSpec:
+def serving_preprocess(
+    base: PreprocessSpec, specs: ModelSpecs, reason: str, backend: str = "python"
+) -> PreprocessSpec:
     """The preprocessing a repository serves with: posts without an image answered where the head
-    can (specs.text_only), else refused with `reason`."""
+    can (specs.text_only), else refused with `reason`; text cut to each request's own length
+    unless specs.fixed_text_length, rounded up to text_buckets where the `backend` flavour
+    cannot batch ragged requests (all but python; docs/fidelity.md)."""
+    from crisis_triton.preprocess.posts import text_buckets
+
+    trim = not specs.fixed_text_length
+    buckets = text_buckets(base.context_length) if trim and backend != "python" else ()
+    base = dataclasses.replace(base, trim_text=trim, text_lengths=buckets)
     if specs.text_only:
         return dataclasses.replace(base, image_optional=True, no_image_reason="")
     return dataclasses.replace(base, image_optional=False, no_image_reason=reason)
@@ -216,13 +244,22 @@ def _export(
     from crisis_triton.repository.writer import model_file, write_repository
 
     enc, heads, provenance = loaded.encoders, loaded.heads, loaded.provenance
-    specs = build_specs(enc.config, tuple(heads), loaded.head_type, loaded.text_only)
+    specs = build_specs(
+        enc.config, tuple(heads), loaded.head_type, loaded.text_only, dep.fixed_text_length
+    )
     head = build_multitask_head(heads, specs.tasks, loaded.text_only)
-    preprocess_spec = serving_preprocess(preprocess_spec, specs, loaded.no_image_reason)
+    preprocess_spec = serving_preprocess(
+        preprocess_spec, specs, loaded.no_image_reason, dep.backend
+    )
+    text_only_metrics = text_only_metrics_of(loaded.trained, specs.tasks)
+    text_only_line = text_only_note(
+        text_only_metrics, specs.tasks, enc.random_weights, specs.text_only
+    )
     weights = "; ".join(
         [RANDOM_WEIGHTS_NOTE] * enc.random_weights
         + [f"encoders: {enc.description}"]
         + [f"{t}: {p}" for t, p in provenance.items()]
+        + [text_only_line]
     )
     write_repository(stage, specs, dep, preprocess_spec, weights)
     print(f"encoders: {enc.description}; tasks: {', '.join(specs.tasks)}; head: {specs.head_type}")
@@ -247,11 +284,13 @@ def _export(
             torch.from_numpy(a) for a in fixed_inputs(graph, 2, 0, enc.config.vocab_size).values()
         )
         target = model_file(stage, graph.name, dep).with_name(ONNX_FILE)
-        export_graph(modules[graph.name], graph, example, target, fp16=fp16)
+        ctx = enc.config.context_length
+        export_graph(modules[graph.name], graph, example, target, fp16=fp16, max_text_length=ctx)
         files[graph.name] = target
         report = validate_graph(
-            modules[graph.name], graph, target, fp16=fp16, vocab_size=enc.config.vocab_size
-        )
+            modules[graph.name], graph, target, fp16=fp16, vocab_size=enc.config.vocab_size,
+            context_length=ctx,
+        )  # fmt: skip
         size_mb = sum(f.stat().st_size for f in target.parent.glob("model.onnx*")) / 2**20
         print(f"{graph.name}: exported in {time.perf_counter() - t0:.1f} s, {size_mb:.1f} MiB")
         print("\n".join(report.lines()))
@@ -267,10 +306,11 @@ def _export(
         passed = False
     if e2e:
         print(f"end to end (preprocess -> ONNX vs PyTorch): {e2e}")
-    gate_report = None
-    if passed and precision != "fp32":
+    gate_report = fast_image_report = None
+    if passed and (precision != "fp32" or request.fast_image):
         outcome = _reduce(request, work, specs, dep, precision, files, modules, check_spec, enc)
-        gate_report = outcome.report()
+        gate_report = outcome.report() if precision != "fp32" else None
+        fast_image_report = outcome.fast_image
         if outcome.chosen is None:
             passed = False
         else:
@@ -278,6 +318,9 @@ def _export(
 
             dep = dep_for(dep, outcome.chosen.precision, outcome.chosen.runtime)
             files = install(files, outcome.chosen, dep)
+            preprocess_spec = dataclasses.replace(
+                preprocess_spec, fast_image=outcome.chosen.fast_image
+            )
             write_repository(stage, specs, dep, preprocess_spec, weights)  # configs of the winner
             print(
                 f"precision: {outcome.chosen.precision} on {outcome.chosen.runtime} "
@@ -312,13 +355,18 @@ def _export(
         heads=provenance,
         head=specs.head_type,
         text_only=specs.text_only,
+        fixed_text_length=specs.fixed_text_length,
         no_image_reason=preprocess_spec.no_image_reason or None,
         trained_heads=json.loads(json.dumps(loaded.trained, default=str)) or None,
+        text_only_metrics=text_only_metrics or None,
+        text_only_note=text_only_line,
         tasks=list(specs.tasks),
         precision=dep.precision,
         model_version=dep.model_version,
         runtimes={g.name: _runtime_of(dep, g.name) for g in specs.onnx_graphs},
         precision_gate=gate_report,
+        image_path="fast" if preprocess_spec.fast_image else "exact",
+        fast_image=fast_image_report,
         engine_precision=request.engine_precision if tensorrt else None,
         backend=request.backend,
         opset=OPSET,
@@ -426,13 +474,16 @@ def _reduce(
                 for a in fixed_inputs(graph, 2, 0, enc.config.vocab_size).values()
             )
             target = work / "fp32" / graph.name / ONNX_FILE
-            fp32_files[graph.name] = export_graph(modules[graph.name], graph, example, target)
+            fp32_files[graph.name] = export_graph(
+                modules[graph.name], graph, example, target,
+                max_text_length=enc.config.context_length,
+            )  # fmt: skip
     reduce_range = {"auto": None, "on": True, "off": False}[request.int8_reduce_range]
     return reduce.run(
         work, specs, dep, fp32_files, check_spec, precision,
         eval_posts=request.eval_posts, synthetic_count=request.gate_posts,
         seed=request.weights.seed, min_agreement=request.min_agreement,
-        reduce_range=reduce_range, fp16_files=fp16_files,
+        reduce_range=reduce_range, fp16_files=fp16_files, fast_image=request.fast_image,
     )  # fmt: skip
 
 

@@ -28,6 +28,8 @@ class ExportRequest:
         eval_posts: the posts the reduced precision is gated on (``--eval-posts``).
         min_agreement: top-1 agreement with FP32 each task must reach (``--min-agreement``).
         gate_posts: synthetic gate posts without eval_posts (``--gate-posts``).
+        fast_image: serve the cheaper image path, gated against the exact one (``--fast-image``;
+            PreprocessSpec.fast_image).
         runtime: the encoders' runtime where the precision has two (``--runtime``); None: its own.
         int8_reduce_range: auto | on | off (``--int8-reduce-range``).
         backend: python | onnxruntime | tensorrt (``--backend``).
@@ -40,6 +42,10 @@ class ExportRequest:
             of the same names).
         max_image_bytes, max_image_pixels, max_text_chars: request limits; None: the default.
         configs_only: configs and python models only, no weights (``--configs-only``).
+        fixed_text_length: text as the context length instead of at its own length
+            (``--fixed-text-length``).
+        warmup: Triton's model_warmup in every composing model's config (``--no-warmup``:
+            False; crisis_triton/repository/warmup.py).
     """
 
     out: Path
@@ -48,6 +54,7 @@ class ExportRequest:
     eval_posts: Path | None = None
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     gate_posts: int = 96
+    fast_image: bool = False
     runtime: str | None = None
     int8_reduce_range: str = "auto"
     backend: str = "python"
@@ -67,6 +74,8 @@ class ExportRequest:
     max_image_pixels: int | None = None
     max_text_chars: int | None = None
     configs_only: bool = False
+    fixed_text_length: bool = False
+    warmup: bool = True
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExportRequest:
@@ -87,6 +96,7 @@ class ExportRequest:
             eval_posts=args.eval_posts,
             min_agreement=args.min_agreement,
             gate_posts=args.gate_posts,
+            fast_image=args.fast_image,
             runtime=args.runtime,
             int8_reduce_range=args.int8_reduce_range,
             backend=args.backend,
@@ -106,6 +116,8 @@ class ExportRequest:
             max_image_pixels=args.max_image_pixels,
             max_text_chars=args.max_text_chars,
             configs_only=args.configs_only,
+            fixed_text_length=args.fixed_text_length,
+            warmup=not args.no_warmup,
         )
 
 

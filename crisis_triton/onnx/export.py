@@ -11,11 +11,14 @@ import onnx
 import torch
 from torch import nn
 
-from crisis_triton.contract.spec import GraphSpec
+from crisis_triton.contract.spec import TEXT_LENGTH_MIN, GraphSpec
 
 OPSET = 18  # the dynamo exporter's minimum; >= 17 as required
 TWO_GB = 2**31
 BATCH_AXIS = "batch"
+# The one dynamic axis besides the batch: a spec's -1 dims, the tokens of text at its own length
+# (input_ids; cma_clip's text_tokens and text_mask, which share it).
+TEXT_AXIS = "text_length"
 
 
 class HalfPrecision(nn.Module):
@@ -38,15 +41,21 @@ def export_graph(
     example: tuple[torch.Tensor, ...],
     path: Path,
     fp16: bool = False,
+    max_text_length: int = 77,
 ) -> Path:
-    """Export `module` to `path` (ONNX, opset OPSET, dynamic batch axis), check it, return path.
+    """Export `module` to `path` (ONNX, opset OPSET, dynamic batch axis, and a dynamic token
+    axis TEXT_AXIS wherever the spec's dims say -1, up to `max_text_length`: the encoder's
+    context length), check it, return path.
 
     Weights go to an external data file next to the model only when the model exceeds 2 GB.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     model = HalfPrecision(module).eval() if fp16 else module.eval()
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=4096)
-    shapes: tuple = tuple({0: batch} for _ in spec.inputs)
+    text = torch.export.Dim(TEXT_AXIS, min=TEXT_LENGTH_MIN, max=max_text_length)
+    shapes: tuple = tuple(
+        {0: batch, **{1 + i: text for i, d in enumerate(t.dims) if d == -1}} for t in spec.inputs
+    )
     if fp16:  # HalfPrecision.forward(*args): torch.export sees one tuple argument
         shapes = (shapes,)
     with warnings.catch_warnings(), _quiet_exporter():

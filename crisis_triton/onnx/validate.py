@@ -3,7 +3,8 @@
 Checks, in order (any failure fails the export, nothing is demoted to a warning):
 1. the graph's inputs and outputs are the spec's, by name and order   (ContractError)
 2. dtypes and dims match the spec, axis 0 is the symbolic batch axis  (ContractError)
-3. at every batch size, each output's shape equals PyTorch's          (ContractError)
+3. at every batch size (and, for text at its own length, every token length: the shortest,
+   a short one, the context length), each output's shape equals PyTorch's (ContractError)
 4. max abs diff <= the spec's atol and per-sample cosine >= its floor;
    for probability outputs, the same top-1 class in every sample       (ToleranceError)
 """
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from crisis_triton.contract.sample_inputs import fixed_inputs
-from crisis_triton.contract.spec import GraphSpec
+from crisis_triton.contract.spec import TEXT_LENGTH_MIN, GraphSpec
 
 ORT_TYPES = {
     "float32": "tensor(float)",
@@ -30,6 +31,12 @@ ORT_TYPES = {
     "float16": "tensor(float16)",
 }
 VALIDATION_BATCHES = (1, 2, 5)
+
+
+def validation_lengths(context_length: int) -> tuple[int, ...]:
+    """The token lengths a graph with a dynamic token axis is checked at: the shortest text
+    (<|startoftext|> <|endoftext|>), a short tweet, and the context length."""
+    return tuple(sorted({TEXT_LENGTH_MIN, min(9, context_length), context_length}))
 
 
 class ValidationError(Exception):
@@ -61,6 +68,7 @@ class GraphReport:
     path: str
     precision: str
     batch_sizes: list[int]
+    text_lengths: list[int] = field(default_factory=list)  # [] for graphs of fixed dims
     outputs: list[OutputCheck] = field(default_factory=list)
     passed: bool = False
     error: str | None = None
@@ -97,7 +105,7 @@ def check_contract(session: ort.InferenceSession, spec: GraphSpec) -> None:
         batch, *dims = arg.shape
         if not isinstance(batch, str):
             raise ContractError(f"{t.name}: axis 0 is {batch!r}, not a symbolic batch axis")
-        if tuple(dims) != t.dims:
+        if tuple(-1 if isinstance(d, str) else d for d in dims) != t.dims:
             raise ContractError(f"{t.name}: dims {dims} differ from the spec {list(t.dims)}")
 
 
@@ -116,10 +124,17 @@ def validate_graph(
     vocab_size: int = 49408,
     batches: Sequence[int] = VALIDATION_BATCHES,
     seed: int = 1234,
+    context_length: int = 77,
 ) -> GraphReport:
-    """Run the checks above; return the report (report.passed False -> the export must fail)."""
+    """Run the checks above; return the report (report.passed False -> the export must fail).
+    `context_length`: the longest text a graph with a dynamic token axis takes."""
     start = time.perf_counter()
-    report = GraphReport(spec.name, str(onnx_path), "fp16" if fp16 else "fp32", list(batches))
+    dynamic = any(-1 in t.dims for t in spec.inputs)
+    lengths = validation_lengths(context_length) if dynamic else (context_length,)
+    report = GraphReport(
+        spec.name, str(onnx_path), "fp16" if fp16 else "fp32", list(batches),
+        list(lengths) if dynamic else [],
+    )  # fmt: skip
     atol = spec.atol_fp16 if fp16 else spec.atol
     cos_floor = spec.min_cosine_fp16 if fp16 else spec.min_cosine
     try:
@@ -130,8 +145,8 @@ def validate_graph(
             t.name: OutputCheck(t.name, 0.0, 1.0, atol, cos_floor, 1.0 if t.labels else None)
             for t in spec.outputs
         }
-        for batch in batches:
-            feed = fixed_inputs(spec, batch, seed + batch, vocab_size)
+        for batch, length in ((b, n) for b in batches for n in lengths):
+            feed = fixed_inputs(spec, batch, seed + batch, vocab_size, length)
             got = session.run(spec.output_names, feed)
             with torch.no_grad():
                 ref = module.eval()(*(torch.from_numpy(feed[n]) for n in spec.input_names))
@@ -140,7 +155,8 @@ def validate_graph(
                 r = r.numpy()
                 if g.shape != r.shape:
                     raise ContractError(
-                        f"{t.name}: shape {g.shape} at batch {batch}, torch {r.shape}"
+                        f"{t.name}: shape {g.shape} at batch {batch} ({length} tokens), "
+                        f"torch {r.shape}"
                     )
                 w = worst[t.name]
                 w.max_abs_diff = max(w.max_abs_diff, float(np.abs(g - r).max()))

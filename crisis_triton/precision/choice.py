@@ -11,6 +11,12 @@ Candidates (CPU):
         AVX-512 BF16 only; refused with the reason elsewhere)
 fp16 is not a CPU candidate: ONNX Runtime's CPU provider has no fast FP16 kernels (it is the GPU
 path's precision, `--precision fp16`, gated the same way).
+
+With `--fast-image` every candidate that passes its gate is also gated on the cheaper image path
+(gate.gate_fast_image: its own chain on the fast vs the exact pixels). A fixed precision is then
+written only where both gates pass; `auto` serves a candidate with the fast image path only where
+that gate passed (else with the exact one) and ranks candidates by encoders + head + image
+preprocessing ms per post.
 """
 
 from __future__ import annotations
@@ -26,12 +32,17 @@ from crisis_triton.contract.spec import ModelSpecs
 from crisis_triton.precision.gate import (
     DEFAULT_MIN_AGREEMENT,
     Chain,
+    FastImageGate,
     GateResult,
+    Post,
     encode,
     gate,
+    gate_fast_image,
     read_eval_posts,
+    synthetic_photos,
     synthetic_posts,
     time_chain,
+    time_image_path,
 )
 from crisis_triton.precision.quantize import (
     Int8Recipe,
@@ -67,6 +78,21 @@ class Candidate:
     facts: dict[str, Any] = field(default_factory=dict)
     refused: str | None = None
     verdict: str = ""
+    fast_gate: FastImageGate | None = None  # --fast-image: this chain on the fast image path
+    image_ms_per_post: float | None = None  # auto with --fast-image: its image path's cost
+
+    @property
+    def fast_image(self) -> bool:
+        """Whether this candidate serves the fast image path: asked for and its gate passed."""
+        return self.fast_gate is not None and self.fast_gate.passed
+
+    @property
+    def image_path(self) -> str:
+        return "fast" if self.fast_image else "exact"
+
+    def ms_per_post_served(self, batch: int) -> float:
+        """What auto ranks by: encoders + head at `batch`, plus the image path where measured."""
+        return round(self.ms_per_post[batch] + (self.image_ms_per_post or 0.0), 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +103,15 @@ class Candidate:
             "ms_per_post_by_batch": {str(k): v for k, v in self.ms_per_post.items()},
             "facts": self.facts,
             "verdict": self.verdict,
+            **(
+                {
+                    "image_path": self.image_path,
+                    "fast_image": self.fast_gate.to_dict(),
+                    "image_ms_per_post": self.image_ms_per_post,
+                }
+                if self.fast_gate
+                else {}
+            ),
         }
 
 
@@ -91,9 +126,20 @@ class Outcome:
     def passed(self) -> bool:
         return self.chosen is not None
 
+    @property
+    def fast_image(self) -> dict[str, Any] | None:
+        """The fast image gate of the chosen candidate, else of the first one gated (what
+        failed), as export_report.json's `fast_image`; None where no fast image path was asked
+        for or none was gated."""
+        gated = [c for c in self.candidates if c.fast_gate is not None]
+        if self.chosen is not None:
+            gated = [self.chosen] if self.chosen.fast_gate is not None else []
+        return gated[0].fast_gate.to_dict() if gated and gated[0].fast_gate else None
+
     def report(self) -> dict[str, Any]:
         return {
             "chosen": self.chosen.precision if self.chosen else None,
+            "image_path": self.chosen.image_path if self.chosen else None,
             "posts": self.posts,
             "machine": self.machine,
             "candidates": [c.to_dict() for c in self.candidates],
@@ -150,6 +196,16 @@ def _posts(eval_posts: Path | None, count: int, seed: int) -> tuple[list, str]:
     return synthetic_posts(count, seed), f"SYNTHETIC posts (seed {seed}; give --eval-posts)"
 
 
+def _photo_posts(eval_posts: Path | None, count: int, seed: int) -> tuple[list[Post], str]:
+    """The fast image gate's posts: --eval-posts, else photo-sized synthetic posts."""
+    if eval_posts is not None:
+        return _posts(eval_posts, count, seed)
+    return (
+        synthetic_photos(count, seed),
+        f"SYNTHETIC photo-sized posts (seed {seed}; give --eval-posts)",
+    )
+
+
 def run(
     work: Path,
     specs: ModelSpecs,
@@ -164,12 +220,25 @@ def run(
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     reduce_range: bool | None = None,
     fp16_files: dict[str, Path] | None = None,
+    fast_image: bool = False,
     log: Any = print,
 ) -> Outcome:
-    """Gate (and for auto, time) every candidate; -> the outcome (chosen None: nothing passed)."""
+    """Gate (and for auto, time) every candidate, and with `fast_image` gate each passing one
+    on the fast image path too; -> the outcome (chosen None: nothing passed)."""
     work.mkdir(parents=True, exist_ok=True)
     posts, source = _posts(eval_posts, synthetic_count, seed)
     pixels, ids = encode(preprocess_spec, posts)
+    photos: list[Post] = []
+    photo_source = ""
+    if fast_image:
+        photos, photo_source = _photo_posts(eval_posts, synthetic_count, seed)
+    image_ms: dict[str, float] = {}
+    if fast_image and precision == "auto":
+        image_ms = {
+            path: time_image_path(replace(preprocess_spec, fast_image=path == "fast"), photos)
+            for path in ("exact", "fast")
+        }
+        log(f"image preprocessing, ms per post on {photo_source}: {image_ms}")
     threads = max(1, usable_cpus())
     reference = Chain.open(specs, fp32_files, {}, threads).outputs(pixels, ids)
     batches = sorted({1, dep.opt_batch})
@@ -223,6 +292,13 @@ def run(
         got = chain.outputs(pixels, ids)
         cand.gate = gate(specs, reference, got, name, runtime, source, min_agreement)
         print("\n".join(cand.gate.lines()))
+        if fast_image and cand.gate.passed:
+            cand.fast_gate = gate_fast_image(
+                chain, preprocess_spec, photos, name, runtime, photo_source, min_agreement
+            )
+            print("\n".join(cand.fast_gate.lines()))
+            if image_ms:
+                cand.image_ms_per_post = image_ms[cand.image_path]
         if precision == "auto" and cand.gate.passed:
             cand.ms_per_post = time_chain(chain, pixels, ids, batches)
             log(f"precision {name} ({runtime}): ms per post by batch size {cand.ms_per_post}")
@@ -230,12 +306,17 @@ def run(
     passing = [c for c in out if c.gate is not None and c.gate.passed]
     chosen = None
     if precision != "auto":
+        if fast_image:  # a fixed precision is written with the image path asked for, or not at all
+            passing = [c for c in passing if c.fast_image]
         chosen = passing[0] if passing else None
         for c in out:
-            c.verdict = c.verdict or ("written" if c is chosen else "FAILED the gate")
+            failed = "FAILED the gate"
+            if c.gate is not None and c.gate.passed and fast_image:
+                failed = "FAILED the fast image gate"
+            c.verdict = c.verdict or ("written" if c is chosen else failed)
     elif passing:
         largest = max(batches)
-        chosen = min(passing, key=lambda c: c.ms_per_post[largest])
+        chosen = min(passing, key=lambda c: c.ms_per_post_served(largest))
         for c in out:
             if c.verdict:
                 continue
@@ -244,12 +325,17 @@ def run(
             elif c is chosen:
                 c.verdict = (
                     f"won: fastest passing candidate at batch {largest} "
-                    f"({c.ms_per_post[largest]} ms/post)"
+                    f"({c.ms_per_post_served(largest)} ms/post)"
                 )
             else:
                 c.verdict = (
-                    f"lost: {c.ms_per_post[largest]} ms/post at batch {largest} vs "
-                    f"{chosen.ms_per_post[largest]} for {chosen.precision} ({chosen.runtime})"
+                    f"lost: {c.ms_per_post_served(largest)} ms/post at batch {largest} vs "
+                    f"{chosen.ms_per_post_served(largest)} for {chosen.precision} "
+                    f"({chosen.runtime})"
+                )
+            if fast_image and c.gate is not None and c.gate.passed:
+                c.verdict += f"; {c.image_path} image path" + (
+                    "" if c.fast_image else " (FAILED the fast image gate)"
                 )
     return Outcome(chosen, out, source, machine_facts())
 

@@ -7,6 +7,12 @@ or, without it, synthetic posts (the report says which). Per task: top-1 agreeme
 (>= `min_agreement` to pass), max and mean |difference of probabilities|; per encoder: the
 minimum cosine between its FP32 and candidate features. The speed of each candidate at the
 deployment's batch sizes is measured with the same sessions (`time_chain`), for `--precision auto`.
+
+The cheaper image path (`--fast-image`, PreprocessSpec.fast_image) is gated the same way: the same
+chain (same graphs, same precision) on the fast path's pixels against the exact path's pixels of
+the same posts (`gate_fast_image`); without --eval-posts the posts are photo-sized synthetic ones
+(`synthetic_photos`), since the fast path changes nothing below FAST_IMAGE_DECODE_FACTOR x the
+resize target.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import io
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,7 @@ from crisis_triton.preprocess.posts import (
     Preprocessor,
     PreprocessSpec,
     preprocess_image,
+    preprocess_post_image,
 )
 from crisis_triton.runtime.runtimes import Session, open_session
 
@@ -39,6 +46,11 @@ WORDS = (
     "damage houses destroyed earthquake injured people missing help needed praying for everyone "
     "stay safe trees fallen cars submerged streets #harvey #irma #maria RT https://t.co/abc"
 ).split()
+
+
+# The sizes of synthetic_photos: a tweet photo's common shapes, square to panorama, both
+# orientations, up to the largest a tweet photo is served at (2048 on the long side).
+PHOTO_SIZES = ((680, 680), (1200, 900), (900, 1200), (1200, 675), (2048, 1536), (1536, 2048))
 
 
 class EvalPostsError(ValueError):
@@ -115,8 +127,9 @@ def synthetic_posts(count: int = SYNTHETIC_POSTS, seed: int = 0) -> list[Post]:
 
 
 def encode(spec: PreprocessSpec, posts: Sequence[Post]) -> tuple[np.ndarray, np.ndarray]:
-    """pixels [N,3,H,W] and input ids [N,77], through the served preprocessing."""
-    pre = Preprocessor(spec)
+    """pixels [N,3,H,W] and input ids [N, context_length], through the served preprocessing (the
+    ids at their full width, so batches of different text lengths stack: exact either way)."""
+    pre = Preprocessor(replace(spec, trim_text=False))
     pixels, ids = [], []
     for start in range(0, len(posts), GATE_BATCH):
         part = posts[start : start + GATE_BATCH]
@@ -280,3 +293,142 @@ def time_chain(
             times.append((time.perf_counter() - t0) * 1000 / b)
         out[b] = round(statistics.median(times), 3)
     return out
+
+
+def synthetic_photos(count: int = SYNTHETIC_POSTS, seed: int = 0) -> list[Post]:
+    """Photo-sized synthetic posts (PHOTO_SIZES in turn, JPEG quality 75..95): smooth gradients,
+    waves, sensor-like noise and sharp-edged shapes, so the fast image path's DCT-scaled decoding
+    and its resize before padding both change pixels, as on tweet photos (synthetic_posts' 160..640
+    pixel images are below what the fast path decodes smaller)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    posts = []
+    for n in range(count):
+        w, h = PHOTO_SIZES[n % len(PHOTO_SIZES)]
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = rng.uniform(0, 255, 3).astype(np.float32)
+        img = img + x[..., None] * (rng.uniform(-150, 150, 3) / w).astype(np.float32)
+        img = img + y[..., None] * (rng.uniform(-150, 150, 3) / h).astype(np.float32)
+        wave = np.sin(x / rng.uniform(15, 90)) * np.cos(y / rng.uniform(15, 90))
+        img += np.float32(rng.uniform(10, 50)) * wave[..., None]
+        img += rng.integers(-12, 13, img.shape, dtype=np.int8)
+        picture = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(picture)
+        for _ in range(int(rng.integers(4, 16))):
+            x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+            box = (x0, y0, x0 + int(rng.integers(20, w // 3)), y0 + int(rng.integers(20, h // 3)))
+            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=int(rng.integers(75, 96)))
+        text = " ".join(rng.choice(WORDS, int(rng.integers(3, 30))))
+        posts.append(Post(buf.getvalue(), text, None))
+    return posts
+
+
+def image_pixels(spec: PreprocessSpec, posts: Sequence[Post]) -> np.ndarray:
+    """[N, 3, S, S] pixels of the posts' images through `spec` (the image half of `encode`)."""
+    return np.stack([preprocess_post_image(p.image, spec)[0] for p in posts])
+
+
+def pixel_diff_stats(exact: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """|difference| of normalised pixels (units of the encoder's input; 2/255 is one step of 255):
+    max, mean, 99th percentile, and the share of values that differ at all."""
+    diff = np.abs(exact.astype(np.float64) - other.astype(np.float64))
+    return {
+        "max": float(diff.max()),
+        "mean": float(diff.mean()),
+        "p99": float(np.quantile(diff, 0.99)),
+        "share_changed": float((diff > 0).mean()),
+    }
+
+
+@dataclass
+class FastImageGate:
+    """The fast image path's gate: one chain on the fast and on the exact pixels of the same
+    posts (export_report.json's `fast_image`)."""
+
+    precision: str
+    runtime: str
+    posts: str  # where the posts came from
+    count: int
+    min_agreement: float
+    pixels: dict[str, float] = field(default_factory=dict)  # pixel_diff_stats
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    features: dict[str, float] = field(default_factory=dict)  # image features' min cosine
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "image_path": "fast",
+            "precision": self.precision,
+            "runtime": self.runtime,
+            "posts": self.posts,
+            "count": self.count,
+            "min_agreement": self.min_agreement,
+            "pixel_diff": self.pixels,
+            "tasks": self.tasks,
+            "max_abs_diff": max((t["max_abs_diff"] for t in self.tasks.values()), default=0.0),
+            "min_cosine": self.features,
+            "passed": self.passed,
+            "failures": self.failures,
+        }
+
+    def lines(self) -> list[str]:
+        p = self.pixels
+        out = [
+            f"{'PASS' if self.passed else 'FAIL'} fast image gate ({self.precision}, "
+            f"{self.runtime}) vs the exact image path on {self.count} {self.posts}",
+            f"    pixels       max |d| {p['max']:.4f}  mean |d| {p['mean']:.5f}  "
+            f"p99 |d| {p['p99']:.4f}  changed {p['share_changed']:.1%}",
+        ]
+        for task, t in self.tasks.items():
+            out.append(
+                f"    {task:<11} top-1 agreement {t['agreement']:.4f} (>= {self.min_agreement})"
+                f"  max |dp| {t['max_abs_diff']:.2e}  mean |dp| {t['mean_abs_diff']:.2e}"
+            )
+        out += [f"    FAILED: {f}" for f in self.failures]
+        return out
+
+
+def gate_fast_image(
+    chain: Chain,
+    spec: PreprocessSpec,
+    posts: Sequence[Post],
+    precision: str,
+    runtime: str,
+    source: str,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+) -> FastImageGate:
+    """`chain` on the posts' pixels through `spec` with fast_image on, against the same chain on
+    the exact path's pixels (the same text ids): the agreement figures of `gate`, plus the
+    pixels' differences. Passes where every task agrees on >= min_agreement of the posts."""
+    exact_spec, fast_spec = replace(spec, fast_image=False), replace(spec, fast_image=True)
+    exact, ids = encode(exact_spec, posts)
+    fast = image_pixels(fast_spec, posts)
+    compared = gate(
+        chain.specs, chain.outputs(exact, ids), chain.outputs(fast, ids),
+        precision, runtime, source, min_agreement,
+    )  # fmt: skip
+    image_features = chain.specs.image_encoder.output_names[0]
+    return FastImageGate(
+        precision, runtime, source, len(posts), min_agreement,
+        pixels=pixel_diff_stats(exact, fast),
+        tasks=compared.tasks,
+        features={image_features: compared.features[image_features]},
+        passed=compared.passed,
+        failures=compared.failures,
+    )  # fmt: skip
+
+
+def time_image_path(spec: PreprocessSpec, posts: Sequence[Post], repeats: int = 3) -> float:
+    """Median ms per post of the image half of preprocessing through `spec` (one process, one
+    thread), for `--precision auto`'s choice between the exact and the fast image path."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        image_pixels(spec, posts)
+        times.append((time.perf_counter() - t0) * 1000 / max(1, len(posts)))
+    return round(statistics.median(times), 3)

@@ -10,6 +10,10 @@ head stay FP32 (ConvInteger is slower than FP32 Conv on ONNX Runtime's CPU provi
 bits can saturate (ONNX Runtime's quantization docs); with VNNI or AMX the full 8 bits are exact
 and faster to reach the same agreement. `default_reduce_range()` chooses by the CPU's flags; the
 docs/precision.md records the measured difference.
+
+Text at its own length (docs/fidelity.md): dynamic quantization takes the dynamic token axis as
+it is; NNCF's calibration feeds each post's ids at its own length, so the calibrated ranges are
+those of the texts served.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from crisis_triton.preprocess.posts import token_lengths
 from crisis_triton.runtime.cpus import cpu_flags
 
 QUANTIZED_OPS = ("MatMul",)
@@ -126,17 +131,31 @@ class OpenVinoInt8Recipe:
         return asdict(self)
 
 
+def calibration_rows(calibration: Any, ragged: bool) -> list[Any]:
+    """One [1, ...] array per post of `calibration`; with `ragged` (a graph of text at its own
+    length) integer rows, token ids padded with their <|endoftext|>, cut after its first
+    occurrence (the padding value is the row's last)."""
+    rows = [calibration[i : i + 1] for i in range(len(calibration))]
+    if not ragged or calibration.dtype.kind not in "iu":
+        return rows
+    return [row[:, : int(token_lengths(row, int(row[0, -1]))[0])] for row in rows]
+
+
 def quantize_int8_openvino(
     src: Path, dst: Path, input_name: str, calibration: Any, recipe: OpenVinoInt8Recipe
 ) -> dict:
     """NNCF-quantize the ONNX graph `src` into the OpenVINO model `dst` (model.xml + model.bin,
-    FP32 weights kept uncompressed). `calibration`: the graph's input, one post per row."""
+    FP32 weights kept uncompressed). `calibration`: the graph's input, one post per row; token
+    ids padded after their <|endoftext|> are cut to each post's own length where the graph takes
+    text at its own length (calibration_rows)."""
     import nncf
     import openvino as ov
 
     t0 = time.perf_counter()
     model = ov.Core().read_model(str(src))
-    rows = [{input_name: calibration[i : i + 1]} for i in range(len(calibration))]
+    dynamic = next(p for p in model.inputs if input_name in p.get_names()).get_partial_shape()
+    ragged = dynamic.rank.get_length() == 2 and dynamic[1].is_dynamic
+    rows = [{input_name: row} for row in calibration_rows(calibration, ragged)]
     with _quiet():
         quantized = nncf.quantize(
             model,

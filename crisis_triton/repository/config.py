@@ -18,12 +18,16 @@ from crisis_triton.contract.engine_facts import ONNX_FILE, PLAN_FILE, PLATFORM
 from crisis_triton.contract.spec import (
     HEAD,
     PRECISION_PARAMETER,
+    TEXT_LENGTH_MIN,
+    TEXT_LENGTH_OPT,
     WEIGHTS_PARAMETER,
     GraphSpec,
     ModelSpecs,
     TensorSpec,
     label_file,
 )
+from crisis_triton.preprocess.posts import text_buckets
+from crisis_triton.repository.warmup import model_warmup
 from crisis_triton.runtime.runtimes import (
     OPENVINO,
     OPENVINO_IR,
@@ -92,6 +96,17 @@ def opt_batch_size(max_batch_size: int, preferred: Sequence[int]) -> int:
     return max(preferred, default=max_batch_size)
 
 
+def length_dims(dims: Sequence[int], length: int) -> tuple[int, ...]:
+    """`dims` with the dynamic (-1) token dim at `length`: a profile's shape of text at its own
+    length."""
+    return tuple(length if d == -1 else d for d in dims)
+
+
+def text_length_profile(max_length: int) -> tuple[int, int, int]:
+    """(min, opt, max) tokens of a TensorRT profile over text at its own length."""
+    return TEXT_LENGTH_MIN, min(TEXT_LENGTH_OPT, max_length), max_length
+
+
 def shapes_arg(tensors: Iterable[tuple[str, Sequence[int]]], batch: int) -> str:
     """'name:1x3x224x224,other:1x77': the shape lists of trtexec and of ORT's TensorRT provider."""
     return ",".join(f"{name}:{'x'.join(map(str, (batch, *dims)))}" for name, dims in tensors)
@@ -131,6 +146,12 @@ class Deployment:
     # seen before skips the image encoder even with another text. Served only where the server
     # runs a cache (deploy/serve.py --cache-mb; a stock Triton: --cache-config local,size=N).
     response_cache: bool = False
+    # Text as context_length tokens (--fixed-text-length) instead of at each post's own length
+    # (docs/fidelity.md, "Text at its own length"): recorded so a repository says which it is.
+    fixed_text_length: bool = False
+    # Triton's model_warmup on every composing model (crisis_triton/repository/warmup.py): a
+    # model is ready only once it ran real requests; False (--no-warmup): ready cold.
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -173,6 +194,10 @@ class Deployment:
     def from_json(cls, text: str) -> Deployment:
         data = json.loads(text)
         data["preferred_batch_sizes"] = tuple(data.get("preferred_batch_sizes", ()))
+        # a deployment.json from before text at its own length describes 77-token graphs
+        data.setdefault("fixed_text_length", True)
+        # ... and one from before warmup, configs without model_warmup
+        data.setdefault("warmup", False)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -213,10 +238,14 @@ class Deployment:
         return "fp32"
 
 
-def _tensor(t: TensorSpec, with_labels: bool = False) -> dict:
+def _tensor(t: TensorSpec, with_labels: bool = False, ragged: bool = False) -> dict:
+    """`ragged`: a model input whose dynamic (-1) token dim the dynamic batcher may batch at
+    different lengths (the python flavour's runner pads and groups them itself)."""
     out: dict = {"name": t.name, "data_type": t.triton_dtype, "dims": list(t.dims)}
     if t.optional:
         out["optional"] = True
+    if ragged and -1 in t.dims:
+        out["allow_ragged_batch"] = True
     if with_labels and t.labels:
         out["label_filename"] = label_file(t.labels)
     return out
@@ -244,20 +273,23 @@ def preprocess_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.Mode
             "dynamic_batching": _batching(dep),
             "instance_group": [{"kind": "KIND_CPU", "count": dep.preprocess_instances}],
             "version_policy": {"latest": {"num_versions": LOADED_VERSIONS}},
+            "model_warmup": model_warmup(spec, dep.opt_batch) if dep.warmup else [],
         }
     )
 
 
 def compute_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.ModelConfig:
     flavour = FLAVOURS[dep.backend]
+    python = dep.backend == "python"
     config: dict = {
         "name": spec.name,
         "max_batch_size": dep.max_batch_size,
-        "input": [_tensor(t) for t in spec.inputs],
+        "input": [_tensor(t, ragged=python) for t in spec.inputs],
         "output": [_tensor(t, with_labels=True) for t in spec.outputs],
         "dynamic_batching": _batching(dep),
         "instance_group": [{"kind": dep.kind, "count": dep.compute_instances}],
         "version_policy": {"latest": {"num_versions": LOADED_VERSIONS}},
+        "model_warmup": model_warmup(spec, dep.opt_batch) if dep.warmup else [],
     }
     precision = dep.graph_precision(spec.name)
     if dep.backend == "python":
@@ -270,6 +302,7 @@ def compute_config(spec: GraphSpec, dep: Deployment) -> model_config_pb2.ModelCo
             "runtime": {"string_value": dep.graph_runtime(spec.name)},
             "precision": {"string_value": precision},
         }
+        config["parameters"].update(_ragged_parameters(spec))
     elif dep.backend == "openvino":
         config["backend"] = OPENVINO
         config["default_model_filename"] = flavour["model_file"]
@@ -301,9 +334,29 @@ def _ort_tensorrt_profile(spec: GraphSpec, dep: Deployment) -> dict[str, str]:
     """One explicit profile (batch 1 / opt / max) so the provider builds one engine at load
     instead of a new one for each batch size it meets."""
 
-    inputs = [(t.name, t.dims) for t in spec.inputs]
     batches = (1, dep.opt_batch, dep.max_batch_size)
-    return {key: shapes_arg(inputs, b) for key, b in zip(ORT_PROFILE_KEYS, batches)}
+    longest = max((t.max_length for t in spec.inputs), default=0)
+    lengths = text_length_profile(longest) if longest else (0, 0, 0)
+    return {
+        key: shapes_arg(((t.name, length_dims(t.dims, n)) for t in spec.inputs), b)
+        for key, b, n in zip(ORT_PROFILE_KEYS, batches, lengths)
+    }
+
+
+def _ragged_parameters(spec: GraphSpec) -> dict[str, dict[str, str]]:
+    """What the python flavour's runner (crisis_triton/runtime/triton_models/onnx_model.py) needs
+    to batch text at its own length, without a tensor name of its own: each ragged input's pad
+    value, the outputs it slices back to each request's length, the length groups it runs
+    together (text_buckets). Nothing for graphs of fixed dims."""
+    ragged = [t for t in spec.inputs if -1 in t.dims]
+    if not ragged:
+        return {}
+    values = {
+        "pad_values": json.dumps({t.name: t.pad for t in ragged}),
+        "ragged_outputs": json.dumps([t.name for t in spec.outputs if -1 in t.dims]),
+        "length_groups": json.dumps(list(text_buckets(max(t.max_length for t in ragged)))),
+    }
+    return {k: {"string_value": v} for k, v in values.items()}
 
 
 def ort_options_of(accelerator: str, parameters: dict[str, str]) -> dict[str, str]:

@@ -10,6 +10,7 @@ Layout (`<model>/config.pbtxt` + `<model>/1/...`):
   requirements.txt         the Python packages the python models import
   deployment.json          the deployment settings the configs were written from, as data
   labels.json              every served task's labels, in class-index order
+  <model>/warmup/          the files of the model's model_warmup (repository/warmup.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from crisis_triton.repository.config import (
     check_ensemble_wiring,
     to_pbtxt,
 )
+from crisis_triton.repository.warmup import write_warmup_files
 from crisis_triton.runtime import cpus as cpus_module
 from crisis_triton.runtime import runtimes as runtimes_module
 
@@ -144,6 +146,8 @@ def write_repository(
     ):
         reqs += REQUIREMENTS["openvino_in_python"]
     (repo / "requirements.txt").write_text("\n".join(reqs) + "\n")
+    # Each composing model's warmup/ folder (the sample post its config's model_warmup reads).
+    write_warmup_files(repo, specs, preprocess_spec)
 
 
 def model_file(repo: Path, graph_name: str, dep: Deployment) -> Path:

@@ -44,8 +44,11 @@ end
 
 -- ---------------------------------------------------------------------------------- answers
 
+-- Every refusal passes here: counted, and named in the access log ($front_refused, declared
+-- by front.py's servers; log_by_lua runs before nginx writes the access log line).
 local function count(reason)
     state:incr("refused:" .. reason, 1, 0)
+    ngx.var.front_refused = reason
 end
 
 local function http_refuse(status, reason, message, retry_after)

@@ -10,8 +10,10 @@ the exit status. :func:`main` parses and checks the flags (exit 2) and calls it.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -20,8 +22,18 @@ from pathlib import Path
 from types import FrameType
 
 from crisis_triton.cli_types import mebibytes, positive_int
+from crisis_triton.serving.events import (
+    DEFAULT_LOG_FORMAT,
+    LOG_FORMATS,
+    TRITON_LOG_FORMAT,
+    LogFormat,
+    emit,
+    set_format,
+)
 from crisis_triton.serving.front import (
+    ACCESS_LOGS,
     BODY_DEADLINE_S,
+    DEFAULT_ACCESS_LOG,
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_CLIENT,
     SHUTDOWN_TIMEOUT_S,
@@ -71,9 +83,10 @@ PROG = "serve.py"
 class ServeRequest:
     """What ``serve.py`` serves, and how: one field per option (the same defaults).
 
-    ``admin_key``: the operator key of the restricted APIs; None: a random one, printed once to
-    stderr. ``front``: the nginx front without TLS; ``tls_cert`` and ``tls_key``: with TLS.
-    ``triton_args``: more tritonserver flags (REFUSED_FLAGS refused).
+    ``admin_key``: the operator key of the restricted APIs; None: a random one, written into the
+    0600 file ``generate_admin_key_file`` (None: a temp file, removed at exit) whose path, never
+    the key, is printed to stderr. ``front``: the nginx front without TLS; ``tls_cert`` and
+    ``tls_key``: with TLS. ``triton_args``: more tritonserver flags (REFUSED_FLAGS refused).
     """
 
     model_repository: Path
@@ -97,7 +110,10 @@ class ServeRequest:
     body_deadline: int | None = None
     no_front: bool = False
     admin_key: str | None = None
+    generate_admin_key_file: Path | None = None
     triton_args: tuple[str, ...] = ()
+    log_format: LogFormat = DEFAULT_LOG_FORMAT
+    access_log: str = DEFAULT_ACCESS_LOG
 
     @property
     def front_on(self) -> bool:
@@ -126,6 +142,8 @@ def _front_error(request: ServeRequest) -> str | None:
                             ("--body-deadline", request.body_deadline)):  # fmt: skip
             if value is not None:
                 return f"{flag} is a limit of the front: add --front or --tls-cert"
+        if request.access_log != DEFAULT_ACCESS_LOG:
+            return "--access-log is the front's (nginx's): add --front or --tls-cert"
         if not is_loopback(request.address) and not request.no_front:
             return (
                 f"--address {request.address or repr('')} without the front would expose "
@@ -144,6 +162,33 @@ def _triton_args_error(request: ServeRequest) -> str | None:
     return "these tritonserver flags cannot be passed through: " + "; ".join(
         f"{name}: {why}" for name, why in refused.items()
     )
+
+
+def _public_key_error(request: ServeRequest) -> str | None:
+    """A non-loopback --address needs a key (from a file), or one generated into a file."""
+    if is_loopback(request.address):
+        return None
+    if request.admin_key is None and request.generate_admin_key_file is None:
+        return (
+            f"--address {request.address or repr('')} serves others: give the admin key of the "
+            "restricted APIs as --admin-key-file FILE (a mounted secret), or "
+            "--generate-admin-key-file PATH to have one written there (docs/security.md)"
+        )
+    return None
+
+
+def write_admin_key_file(key: str, path: Path | None) -> Path:
+    """Write a generated ``key`` into ``path`` (None: a new temp file), mode 0600: how serve.py
+    hands the operator a key it made without printing it; returns the file's path."""
+    if path is None:
+        fd, name = tempfile.mkstemp(prefix="crisis-triton-admin-key-")
+        path = Path(name)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # an existing file keeps its old mode otherwise
+        out.write(key + "\n")
+    return path
 
 
 def _admin_key_error(key: str | None) -> str | None:
@@ -231,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also copy tritonserver's log to stderr (in a container: what `logs` shows)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=DEFAULT_LOG_FORMAT,
+        help="serve.py's own lines: text (default) or json, one object per line (ts, level, "
+        "event, message, the event's fields); json also starts tritonserver with --log-format "
+        f"{TRITON_LOG_FORMAT['json']} (Triton has no JSON log). docs/monitoring.md, Logs",
+    )
     front = parser.add_argument_group(
         "front (crisis_triton/serving/front.py, nginx; docs/security.md)",
         "nginx answers --http-port and --grpc-port on --address, tritonserver listens on "
@@ -272,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds a whole request body may take to arrive; a slower one is cut with 408 "
         f"({BODY_DEADLINE_S})",
     )
+    front.add_argument(
+        "--access-log",
+        choices=ACCESS_LOGS,
+        default=DEFAULT_ACCESS_LOG,
+        help="json: one JSON line per request on stdout (time, client, method, path without the "
+        f"query, status, bytes, times, the front's refusal reason); default {DEFAULT_ACCESS_LOG}",
+    )
     parser.add_argument(
         "--no-front",
         action="store_true",
@@ -287,13 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument(
         "--admin-key",
         metavar="KEY",
-        help="the operator key (default: a random one, printed once to stderr)",
+        help="the operator key on the command line, where ps shows it: prefer --admin-key-file",
     )
     admin.add_argument(
         "--admin-key-file",
         type=Path,
         metavar="FILE",
-        help="read the operator key from FILE (e.g. a mounted secret)",
+        help="read the operator key from FILE (e.g. a mounted secret): the way to give it",
+    )
+    admin.add_argument(
+        "--generate-admin-key-file",
+        type=Path,
+        metavar="PATH",
+        help="write a random key into PATH (mode 0600) and print the path. Without a key option: "
+        "on loopback a random key in a 0600 temp file; another --address needs one of the three",
     )
     parser.add_argument("triton_args", nargs="*", metavar="-- TRITON_FLAG",
                         help="more tritonserver flags, after `--`")  # fmt: skip
@@ -301,11 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    emit("error", message)
 
 
 def _warn(message: str) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+    emit("warning", message)
 
 
 class _Refused(Exception):
@@ -349,13 +416,16 @@ def _front_config(request: ServeRequest) -> FrontConfig | None:
         sizing = read_sizing(request.model_repository)
         shm = plan(
             sizing,
-            shm_total(),
+            shm_bytes := shm_total(),
             front=request.front_on,
             max_connections=request.max_connections,
             body=request.max_body_bytes,
         )
     except SizingError as exc:
         raise _Refused(2, str(exc)) from exc
+    emit("sizing", f"/dev/shm: {shm.needed} bytes needed, {shm_bytes} available", text=False,
+         level="info" if shm.warning is None else "warning", shm_bytes=shm_bytes,
+         needed_bytes=shm.needed, in_flight=shm.in_flight, rule="deploy/sizing.py")  # fmt: skip
     if shm.warning is not None:
         _warn(shm.warning)
     if not request.front_on:
@@ -389,6 +459,7 @@ def _front_config(request: ServeRequest) -> FrontConfig | None:
         return FrontConfig(
             request.address, request.http_port, request.grpc_port, upstream, other, limits,
             request.tls_cert, request.tls_key, public_model=request.model, status_port=status,
+            access_log=request.access_log == "json",
         )  # fmt: skip
     except ValueError as exc:
         raise _Refused(2, str(exc)) from exc
@@ -421,8 +492,16 @@ def _embedded_server(
         poll_seconds=request.poll_seconds,
         cache_mb=request.cache_mb,
         admin_key=admin_key,
-        extra_args=request.triton_args,
+        # Triton's log format first: a `-- --log-format X` of the user's comes later and wins
+        extra_args=(*_triton_log_args(request.log_format), *request.triton_args),
     )
+
+
+def _triton_log_args(log_format: LogFormat) -> tuple[str, ...]:
+    """tritonserver's --log-format under serve.py's (events.TRITON_LOG_FORMAT; none: Triton's
+    default)."""
+    triton = TRITON_LOG_FORMAT[log_format]
+    return () if triton is None else ("--log-format", triton)
 
 
 def _ready_line(
@@ -444,6 +523,31 @@ def _ready_line(
     )
 
 
+def _ready_fields(
+    request: ServeRequest, server: EmbeddedServer, front: NginxFront | None, metrics_url: str
+) -> dict[str, object]:
+    """The ready line's facts as the JSON ready event's fields: what clients connect to."""
+    fields: dict[str, object] = {
+        "model": request.model,
+        "ready_seconds": round(server.ready_seconds or 0.0, 3),
+        "metrics_url": metrics_url,
+        "front": front is not None,
+    }
+    if front is None:
+        return fields | {
+            "http_url": f"http://{server.url_http}", "grpc_address": server.url_grpc,
+            "http_port": server.http_port, "grpc_port": server.grpc_port, "tls": False,
+        }  # fmt: skip
+    host, cfg = client_host(request.address), front.config
+    return fields | {
+        "http_url": f"{'https' if cfg.tls else 'http'}://{host}:{cfg.http_port}",
+        "grpc_address": f"{host}:{cfg.grpc_port}", "http_port": cfg.http_port,
+        "grpc_port": cfg.grpc_port, "tls": cfg.tls,
+        "body_cap_bytes": cfg.limits.max_body_bytes, "max_in_flight": cfg.limits.max_connections,
+        "loopback_http_url": f"http://{server.url_http}", "loopback_grpc_address": server.url_grpc,
+    }  # fmt: skip
+
+
 def serve(request: ServeRequest) -> int:
     """Serve ``request`` until SIGINT or SIGTERM; the exit status of ``serve.py``.
 
@@ -455,7 +559,12 @@ def serve(request: ServeRequest) -> int:
     problem = request_error(request)
     if problem is not None:
         raise ValueError(problem)
+    set_format(request.log_format)
+    emit("start", f"serving {request.model_repository}", text=False, pid=os.getpid(),
+         repository=request.model_repository, model=request.model, address=request.address,
+         front=request.front_on, access_log=request.access_log)  # fmt: skip
     admin_key = new_admin_key() if request.admin_key is None else request.admin_key
+    key_file: Path | None = None
     try:
         _check_repository(request)
         front_config = _front_config(request)
@@ -495,6 +604,8 @@ def serve(request: ServeRequest) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         try:
+            if request.admin_key is None:
+                key_file = write_admin_key_file(admin_key, request.generate_admin_key_file)
             server.start()
             if front is not None:
                 front.start()
@@ -504,26 +615,31 @@ def serve(request: ServeRequest) -> int:
             return 1
         if server.cache_warning is not None:
             _warn(server.cache_warning)
-        if request.admin_key is None:  # before the ready line
-            print(
-                f"{PROG}: admin key of the restricted APIs ({', '.join(RESTRICTED_APIS)}; "
-                f"header '{ADMIN_KEY_HEADER}'), generated for this run: {admin_key}",
-                file=sys.stderr,
-                flush=True,
+        if key_file is not None:  # before the ready line; the path, never the key
+            emit(
+                "admin_key",
+                f"admin key of the restricted APIs ({', '.join(RESTRICTED_APIS)}; "
+                f"header '{ADMIN_KEY_HEADER}'), generated for this run into {key_file} (mode 0600)",
+                key_file=key_file,
             )
         metrics_url = f"http://{client_host(request.address)}:{metrics.port}/metrics"
-        print(_ready_line(request, server, front, metrics_url), flush=True)
+        facts = _ready_fields(request, server, front, metrics_url)
+        emit("ready", _ready_line(request, server, front, metrics_url), level="info",
+             stdout=True, text=True, **facts)  # fmt: skip
         # Serve until a signal: a crashed tritonserver or a dead python stub is restarted (within
         # the budget; exit 1 once spent), a dead front ends the run (exit 1).
         supervisor = Supervisor(
             server, front, counters, budget, stop_requested=stop_requested.is_set
         )
         return supervisor.run()
-    except (_Shutdown, StopRequested):
+    except (_Shutdown, StopRequested) as exc:
         # One stop deadline (STOP_TIMEOUT) for both: the front first (no new requests, those in
         # flight finish within SHUTDOWN_TIMEOUT_S), then tritonserver, with nothing left in
         # flight, in the rest of the time.
         deadline = time.monotonic() + STOP_TIMEOUT
+        by = signal.Signals(exc.args[0]).name if isinstance(exc, _Shutdown) else "signal"
+        emit("drain", f"{by}: stopping the front, then tritonserver", text=False, signal=by,
+             deadline_s=STOP_TIMEOUT)  # fmt: skip
         # A server stopped while serve.py heals it had its failure reported already.
         healing = supervisor is not None and supervisor.healing
         if front is not None:
@@ -539,6 +655,8 @@ def serve(request: ServeRequest) -> int:
             front.stop()
         server.stop()
         metrics.stop()
+        if key_file is not None and request.generate_admin_key_file is None:
+            key_file.unlink(missing_ok=True)  # the temp file of a loopback run
 
 
 def _request(args: argparse.Namespace, admin_key: str | None) -> ServeRequest:
@@ -564,7 +682,10 @@ def _request(args: argparse.Namespace, admin_key: str | None) -> ServeRequest:
         body_deadline=args.body_deadline,
         no_front=args.no_front,
         admin_key=admin_key,
+        generate_admin_key_file=args.generate_admin_key_file,
         triton_args=tuple(args.triton_args),
+        log_format=args.log_format,
+        access_log=args.access_log,
     )
 
 
@@ -573,6 +694,7 @@ def parse_request(argv: Sequence[str] | None = None) -> ServeRequest:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_format(args.log_format)  # the warnings below are written in it too
     request = _request(args, args.admin_key)
     problem = _front_error(request)
     if problem is None and args.triton_args and "--" not in argv:
@@ -586,14 +708,18 @@ def parse_request(argv: Sequence[str] | None = None) -> ServeRequest:
             request = _request(args, args.admin_key_file.read_text().strip())
         except OSError as exc:
             parser.error(f"--admin-key-file: {exc.strerror}: {args.admin_key_file}")
-    problem = _admin_key_error(request.admin_key)
+    problem = _admin_key_error(request.admin_key) or _public_key_error(request)
     if problem is not None:
         parser.error(problem)
+    if args.admin_key is not None:
+        _warn("--admin-key shows the key to anyone who lists processes (ps): use --admin-key-file")
     return request
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return serve(parse_request(argv))
+    code = serve(parse_request(argv))
+    emit("stop", f"exit {code}", text=False, code=code)
+    return code
 
 
 if __name__ == "__main__":

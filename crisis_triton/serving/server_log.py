@@ -103,7 +103,13 @@ def _one_line(error: str) -> str:
     return first
 
 
-_LOG_LINE = re.compile(r"^(?P<sev>[IWE])\d{4} [\d:.]+\s+\d+ [^\]]+\]\s?(?P<msg>.*)$")
+# One line of tritonserver's log in either of its formats (``--log-format``): ``default``
+# (``E1206 13:09:51.123456 4835 server.cc:241] msg``) or ``ISO8601``
+# (``2026-12-06T13:09:51Z E 4835 server.cc:241] msg``, what serve.py --log-format json asks for).
+_LOG_LINE = re.compile(
+    r"^(?:(?P<sev>[IWE])\d{4} [\d:.]+|\d{4}-\d\d-\d\dT[\d:.]+Z (?P<iso_sev>[IWE]))"
+    r"\s+\d+ [^\]]+\]\s?(?P<msg>.*)$"
+)
 _MODEL_ERRORS = (
     re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<error>.*)", re.S),
     re.compile(r"failed to load model '(?P<model>[^']+)': (?P<error>.*)", re.S),
@@ -123,7 +129,7 @@ def log_errors(text: str) -> tuple[dict[str, str], list[str]]:
             if line.startswith("error:"):
                 others.append(line.strip())
             continue
-        if match["sev"] != "E":
+        if (match["sev"] or match["iso_sev"]) != "E":
             continue
         message = match["msg"].strip()
         if len(message) >= 2 and message[0] == message[-1] == '"':

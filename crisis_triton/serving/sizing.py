@@ -185,8 +185,10 @@ def parse_size(text: str) -> int:
     return int(match[1]) * 1024 ** " kmg".index(match[2] or " ")
 
 
-def _tensor_bytes(tensors: Iterable[object]) -> tuple[int, bool]:
-    """(bytes of one post's fixed-size tensors, whether any is a string)."""
+def _tensor_bytes(tensors: Iterable[object], longest: int | None) -> tuple[int, bool]:
+    """(bytes of one post's tensors at their largest, whether any is a string). `longest`: what
+    a dynamic (-1) dim takes at most (the text's context length: token ids and token features at
+    each post's own length, docs/fidelity.md); None where the repository does not say."""
     from tritonclient.grpc import model_config_pb2
 
     fixed, strings = 0, False
@@ -195,10 +197,13 @@ def _tensor_bytes(tensors: Iterable[object]) -> tuple[int, bool]:
         if dtype == "TYPE_STRING":
             strings = True
             continue
-        if dtype not in _DTYPE_BYTES or any(d < 0 for d in tensor.dims):  # type: ignore[attr-defined]
+        dims = list(tensor.dims)  # type: ignore[attr-defined]
+        if longest is not None:
+            dims = [longest if d == -1 else d for d in dims]
+        if dtype not in _DTYPE_BYTES or any(d < 0 for d in dims):
             raise SizingError(f"tensor {tensor.name}: {dtype} with dims {list(tensor.dims)} has no "  # type: ignore[attr-defined]
                               "fixed size")  # fmt: skip
-        fixed += _DTYPE_BYTES[dtype] * math.prod(tensor.dims)  # type: ignore[attr-defined]
+        fixed += _DTYPE_BYTES[dtype] * math.prod(dims)
     return fixed, strings
 
 
@@ -213,6 +218,14 @@ def read_sizing(repo: PathLike) -> Sizing:
     from crisis_triton.serving.repository_check import ConfigParseError, parse_config
 
     root = Path(repo)
+    limits = []
+    for path in sorted(root.glob(f"*/[0-9]*/{PREPROCESS_JSON}")):
+        try:
+            limits.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise SizingError(f"{path}: {exc}") from exc
+    lengths = [int(x["context_length"]) for x in limits if "context_length" in x]
+    longest = max(lengths) if lengths else None
     models = []
     for config_path in sorted(root.glob("*/config.pbtxt")):
         try:
@@ -222,8 +235,8 @@ def read_sizing(repo: PathLike) -> Sizing:
         if config.platform or config.backend != "python":
             continue
         instances = sum(g.count or 1 for g in config.instance_group) or 1
-        fixed_in, strings = _tensor_bytes(config.input)
-        fixed_out, string_out = _tensor_bytes(config.output)
+        fixed_in, strings = _tensor_bytes(config.input, longest)
+        fixed_out, string_out = _tensor_bytes(config.output, longest)
         if string_out:
             raise SizingError(f"{config_path}: string outputs have no fixed size")
         models.append(PythonModel(
@@ -231,12 +244,6 @@ def read_sizing(repo: PathLike) -> Sizing:
             max_batch_size=max(1, config.max_batch_size),
             fixed_bytes=fixed_in + fixed_out, string_inputs=strings,
         ))  # fmt: skip
-    limits = []
-    for path in sorted(root.glob(f"*/[0-9]*/{PREPROCESS_JSON}")):
-        try:
-            limits.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise SizingError(f"{path}: {exc}") from exc
     if not limits:
         return Sizing(tuple(models), max_image_bytes=None, max_text_chars=None)
     try:

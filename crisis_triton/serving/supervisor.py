@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from crisis_triton.serving.events import emit
 from crisis_triton.serving.repository_check import RepositoryError
 from crisis_triton.serving.server import EmbeddedServer
 from crisis_triton.serving.server_log import ServerStartError
 from crisis_triton.serving.tritonserver_install import STUB_NAME, TritonNotFoundError
-
-PROG = "serve.py"
 
 # The restart budget: at most MAX_RESTARTS restarts (crashes and stub deaths together) within
 # RESTART_WINDOW_S; the next failure makes serve.py exit 1 (the container / pod restarts).
@@ -55,10 +53,6 @@ ZOMBIE_CONFIRM_S = 0.2
 # drain); 4 posts answered between the kill and the heal in every case.
 HEAL_STOP_GRACE_S = 0.0
 RESTART_REASONS = ("crash", "stub")
-
-
-def _say(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def _status_text(returncode: int | None) -> str:
@@ -412,8 +406,8 @@ class Supervisor:
             self._check_stop()
             if self.front is not None and (front_code := self.front.poll()) is not None:
                 self.front.stop(keep=True)
-                _say(f"error: nginx (the front) exited unexpectedly with code {front_code}: "
-                     f"{self.front.log_tail(5)}")  # fmt: skip
+                emit("error", f"nginx (the front) exited unexpectedly with code {front_code}: "
+                     f"{self.front.log_tail(5)}", cause="front_exit", code=front_code)  # fmt: skip
                 return 1
             returncode = self.server.poll()
             death = self.watch.check() if returncode is None else None
@@ -426,6 +420,10 @@ class Supervisor:
                 deaths = [death, *self.watch.also_dead(death)]
                 for each in deaths:
                     self.counters.count_stub_death(each.stub.model)
+                    emit("stub_death", f"python stub of {each.stub.instance} (pid "
+                         f"{each.stub.pid}) died ({each.how})", level="warning", text=False,
+                         model=each.stub.model, instance=each.stub.instance, pid=each.stub.pid,
+                         how=each.how)  # fmt: skip
                 what = ", ".join(
                     f"python stub of {d.stub.instance} (pid {d.stub.pid}) died ({d.how})"
                     for d in deaths
@@ -449,15 +447,24 @@ class Supervisor:
                 self.counters.count_restart(reason)
                 delay = self.budget.delay(reason)
                 then = f"restarting tritonserver ({number} of {self.budget.max_restarts})"
-                _say(f"{what}{log}; {then}" + (f" in {delay:g} s" if delay else ""))
+                emit("restart", f"{what}{log}; {then}" + (f" in {delay:g} s" if delay else ""),
+                     level="warning", reason=reason, cause=what, attempt=number,
+                     max_restarts=self.budget.max_restarts, backoff_s=delay,
+                     log_file=self.server.log_file)  # fmt: skip
             # A server with a dead stub still runs: stop it fast (its requests to that stub
             # fail meanwhile). A crashed one is only cleaned up (its stubs, /dev/shm regions).
             self.server.stop(grace=HEAL_STOP_GRACE_S, keep_log=True)
             if number is None:
-                _say(
-                    f"error: {what}{log}; {self.budget.max_restarts} restarts within "
+                emit(
+                    "error",
+                    f"{what}{log}; {self.budget.max_restarts} restarts within "
                     f"{self.budget.window_s:.0f} s already: giving up (exit 1, so that the "
-                    "container or pod is restarted)"
+                    "container or pod is restarted)",
+                    cause="restart_budget",
+                    reason=reason,
+                    max_restarts=self.budget.max_restarts,
+                    window_s=self.budget.window_s,
+                    log_file=self.server.log_file,
                 )
                 return False
             self._check_stop()
@@ -475,5 +482,7 @@ class Supervisor:
         self.watch = self._new_watch()
         self.healing = False
         self._set_healing(False)
-        _say(f"healed in {time.monotonic() - detected:.1f} s (tritonserver ready again)")
+        seconds = time.monotonic() - detected
+        emit("healed", f"healed in {seconds:.1f} s (tritonserver ready again)",
+             seconds=round(seconds, 3))  # fmt: skip
         return True

@@ -15,7 +15,8 @@ Precision:
 - an FP16 ONNX file (`export.py --fp16`): a strongly typed network; the graph's own casts decide
   (the head's RMSNorm is computed in float32 in the graph).
 
-Every engine is run on fixed inputs at batch sizes min/opt/max of its profile and compared with
+Every engine is run on fixed inputs at the min/opt/max of its profile (batch size, and tokens
+of text at its own length) and compared with
 ONNX Runtime (CPU) on the same ONNX file: feature outputs need cosine >= TENSORRT_MIN_COSINE per
 sample, probability outputs a max abs diff <= TENSORRT_PROBS_ATOL and the same top-1 class
 wherever the reference's lead exceeds TENSORRT_TOP1_MARGIN; the max abs diff is reported. The
@@ -47,6 +48,7 @@ from crisis_triton.contract.spec import (
     TENSORRT_MIN_COSINE,
     TENSORRT_PROBS_ATOL,
     TENSORRT_TOP1_MARGIN,
+    TEXT_LENGTH_OPT,
     TensorSpec,
 )
 from crisis_triton.tensorrt.profile import (
@@ -269,13 +271,11 @@ def verify_engine(spec: EngineSpec, plan: bytes, options: BuildOptions) -> Verif
     result = Verification(batch_sizes=list(spec.check_batches))
     rng = np.random.default_rng(options.seed)
     with TrtRunner(EngineFromBytes(plan)) as runner:
-        for batch in spec.check_batches:
-            feed = {
-                t.name: fixed_input(
-                    TensorSpec(t.name, t.dtype, t.dims), batch, rng, options.vocab_size
-                )
-                for t in spec.inputs
-            }
+        for batch, length in spec.check_points:
+            tensors = [TensorSpec(t.name, t.dtype, t.dims, max_length=t.max_length)
+                       for t in spec.inputs]  # fmt: skip
+            tokens = length or TEXT_LENGTH_OPT  # (fixed dims keep their own)
+            feed = {t.name: fixed_input(t, batch, rng, options.vocab_size, tokens) for t in tensors}
             want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
             got = runner.infer(feed_dict=feed)
             for out in spec.outputs:

@@ -8,6 +8,9 @@ derived from them, not typed again:
 - opt batch = the largest `dynamic_batching.preferred_batch_size`, else `max_batch_size`
   (crisis_triton/repository/config.py `opt_batch_size`; Model Navigator calls this a max-throughput
   profile).
+- text at its own length (a dim -1 besides the batch: the tokens): min TEXT_LENGTH_MIN, opt
+  TEXT_LENGTH_OPT, max the context length of the repository's preprocess.json
+  (crisis_triton/repository/config.py `text_length_profile`).
 
 Each output is checked against ONNX Runtime by its kind: a tensor with a `label_filename` is a
 probability vector (same top-1 class), any other is a feature vector (cosine similarity).
@@ -22,7 +25,15 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2
 
 from crisis_triton.contract.engine_facts import ONNX_FILE, PLAN_FILE, PLATFORM, tensorrt_models
-from crisis_triton.repository.config import opt_batch_size, parse_pbtxt, shapes_arg
+from crisis_triton.contract.spec import PREPROCESS
+from crisis_triton.preprocess.posts import PreprocessSpec
+from crisis_triton.repository.config import (
+    length_dims,
+    opt_batch_size,
+    parse_pbtxt,
+    shapes_arg,
+    text_length_profile,
+)
 
 PRECISIONS = ("fp16", "fp32")  # engine precisions of build_engines.py / export.py
 DEFAULT_WORKSPACE_MIB = 4096
@@ -38,10 +49,12 @@ DTYPES = {  # Triton TYPE_* -> numpy dtype name
 class EngineInput:
     name: str
     dtype: str
-    dims: tuple[int, ...]  # without the batch axis
+    dims: tuple[int, ...]  # without the batch axis; -1: the tokens of text at its own length
+    max_length: int = 0  # the most tokens a -1 dim takes (the context length); 0 without one
 
-    def shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, *self.dims)
+    def shape(self, batch: int, length: int = 0) -> tuple[int, ...]:
+        """The shape of `batch` rows, a dynamic token dim at `length` tokens."""
+        return (batch, *length_dims(self.dims, length))
 
 
 @dataclass(frozen=True)
@@ -76,29 +89,49 @@ class EngineSpec:
         """Batch sizes the engine is verified at: both ends of the profile and its opt."""
         return tuple(sorted({self.min_batch, self.opt_batch, self.max_batch}))
 
+    @property
+    def lengths(self) -> tuple[int, int, int]:
+        """(min, opt, max) tokens of the profile's dynamic token dim; zeros without one."""
+        longest = max((t.max_length for t in self.inputs), default=0)
+        return text_length_profile(longest) if longest else (0, 0, 0)
+
+    @property
+    def check_points(self) -> tuple[tuple[int, int], ...]:
+        """(batch, tokens) the engine is verified at: the profile's min, opt and max."""
+        batches = (self.min_batch, self.opt_batch, self.max_batch)
+        return tuple(sorted(set(zip(batches, self.lengths))))
+
     def profile(self) -> dict[str, dict[str, list[int]]]:
+        """Each input's min/opt/max shape: the batch (and tokens) of the profile's ends."""
+        batches = (self.min_batch, self.opt_batch, self.max_batch)
+        ends = dict(zip(("min", "opt", "max"), zip(batches, self.lengths)))
         return {
-            t.name: {
-                "min": list(t.shape(self.min_batch)),
-                "opt": list(t.shape(self.opt_batch)),
-                "max": list(t.shape(self.max_batch)),
-            }
-            for t in self.inputs
+            t.name: {end: list(t.shape(b, n)) for end, (b, n) in ends.items()} for t in self.inputs
         }
 
 
 def engine_spec(
-    config: model_config_pb2.ModelConfig, folder: Path, plan_file: str = PLAN_FILE
+    config: model_config_pb2.ModelConfig,
+    folder: Path,
+    plan_file: str = PLAN_FILE,
+    max_length: int = 0,
 ) -> EngineSpec:
+    """The engine of one config; `max_length`: the most tokens of a dynamic (-1) token dim (the
+    context length), needed where the config has one."""
     if config.max_batch_size < 1:
         raise ValueError(f"{config.name}: max_batch_size must be >= 1 for a batched engine")
     inputs = []
     for t in config.input:
-        if any(d < 1 for d in t.dims):
-            raise ValueError(f"{config.name}.{t.name}: dynamic dims {list(t.dims)} besides batch")
+        dynamic = [d for d in t.dims if d < 1]
+        if dynamic and (dynamic != [-1] or max_length < 1):
+            raise ValueError(
+                f"{config.name}.{t.name}: dynamic dims {list(t.dims)} besides batch "
+                "(one token dim -1 takes the repository's context length)"
+            )
         if t.data_type not in DTYPES:
             raise ValueError(f"{config.name}.{t.name}: no engine input of type {t.data_type}")
-        inputs.append(EngineInput(t.name, DTYPES[t.data_type], tuple(t.dims)))
+        longest = max_length if dynamic else 0
+        inputs.append(EngineInput(t.name, DTYPES[t.data_type], tuple(t.dims), longest))
     return EngineSpec(
         model=config.name,
         folder=folder,
@@ -118,8 +151,11 @@ def engine_spec(
 def repository_engines(repo: Path) -> list[EngineSpec]:
     """The engines a tensorrt-flavour repository needs: one per TensorRT model, found as the
     serving check finds them (deploy/engine_check.py `tensorrt_models`)."""
+    longest = context_length(repo)
     specs = [
-        engine_spec(parse_pbtxt((model / "config.pbtxt").read_text()), model / "1", plan_file)
+        engine_spec(
+            parse_pbtxt((model / "config.pbtxt").read_text()), model / "1", plan_file, longest
+        )
         for model, plan_file in tensorrt_models(repo).items()
     ]
     if not specs:
@@ -129,8 +165,23 @@ def repository_engines(repo: Path) -> list[EngineSpec]:
     return specs
 
 
-def _shapes(spec: EngineSpec, batch: int) -> str:
-    return shapes_arg(((t.name, t.dims) for t in spec.inputs), batch)
+def context_length(repo: Path) -> int:
+    """The context length of the repository's preprocessing (its newest version's
+    preprocess.json): the most tokens text at its own length takes; the default without one."""
+    found = sorted(
+        (p for p in (Path(repo) / PREPROCESS).glob("*/preprocess.json") if p.parent.name.isdigit()),
+        key=lambda p: int(p.parent.name),
+    )
+    if not found:
+        return PreprocessSpec().context_length
+    return PreprocessSpec.from_json(found[-1].read_text()).context_length
+
+
+def _shapes(spec: EngineSpec, end: int) -> str:
+    """trtexec's shapes of the profile's end (0 min, 1 opt, 2 max)."""
+    batch = (spec.min_batch, spec.opt_batch, spec.max_batch)[end]
+    length = spec.lengths[end]
+    return shapes_arg(((t.name, length_dims(t.dims, length)) for t in spec.inputs), batch)
 
 
 def trtexec_command(
@@ -151,9 +202,9 @@ def trtexec_command(
         "trtexec",
         f"--onnx={spec.onnx}",
         f"--saveEngine={spec.plan}",
-        f"--minShapes={_shapes(spec, spec.min_batch)}",
-        f"--optShapes={_shapes(spec, spec.opt_batch)}",
-        f"--maxShapes={_shapes(spec, spec.max_batch)}",
+        f"--minShapes={_shapes(spec, 0)}",
+        f"--optShapes={_shapes(spec, 1)}",
+        f"--maxShapes={_shapes(spec, 2)}",
     ]
     if strongly_typed:
         command.append("--stronglyTyped")

@@ -6,7 +6,8 @@ Examples:
   # the same, also answering posts without an image (image features dropped for 30% of posts)
   crisis-train-head --features cache/task1 --task task1 --head guided_ca_diff \\
       --modality-dropout 0.3 --out heads/task1.pt
-  # the token-sequence head (sequence-wise + modality-wise attention; answers text-only posts)
+  # the token-sequence head (sequence-wise + modality-wise attention; answers text-only posts;
+  # trained with its default modality dropout, see --modality-dropout)
   crisis-train-head --features cache/task1 --task task1 --head cma_clip --out heads/task1_cma.pt
   # export it with the encoder options the cache was made with
   crisis-export --encoders hf:/models/clip-vit-base-patch32 --head guided_ca_diff \\
@@ -43,7 +44,7 @@ EXTRA_MODULES = ("torch",)
 def build_parser() -> argparse.ArgumentParser:
     """train_head.py's options."""
     from crisis_triton.contract.names import ALL_TASKS
-    from crisis_triton.train.training import HEADS
+    from crisis_triton.train.training import DEFAULT_MODALITY_DROPOUT, HEADS
 
     p = argparse.ArgumentParser(
         prog="train_head.py",
@@ -76,11 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--modality-dropout",
         type=float,
-        default=0.0,
+        default=None,
         metavar="P",
         help="train with the image left out of a post with probability P (the "
         "paper's heads: image features zeroed; cma_clip: image_present 0), so the "
-        "head also answers posts without an image (default 0)",
+        "head also answers posts without an image (default: cma_clip "
+        f"{DEFAULT_MODALITY_DROPOUT['cma_clip']:g}, the value that answers text-only posts best "
+        f"(docs/training.md); the paper's heads {DEFAULT_MODALITY_DROPOUT['guided_ca_diff']:g})",
     )
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
     p.add_argument(
@@ -172,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = metrics["test_text_only"]
         print(
             f"  text only (image left out): accuracy {t['accuracy']:.4f}, macro-F1 "
-            f"{t['macro_f1']:.4f}, weighted F1 {t['weighted_f1']:.4f}"
+            f"{t['macro_f1']:.4f}, weighted F1 {t['weighted_f1']:.4f} (modality dropout "
+            f"{report.metadata['modality_dropout']:g})"
         )
     print(f"head written to {report.out} (metrics: {report.metrics_file})")
     return 0

@@ -16,6 +16,8 @@ Fidelity to the research code (see docs/fidelity.md):
 Deliberate differences from the research code, all for robustness of a server: EXIF orientation
 is applied, only the first frame of an animated image is used, 16-bit images are scaled to 8 bits
 instead of clipped, and decoding is bounded by byte and pixel limits.
+`fast_image` (off by default; export.py --fast-image, gated: docs/precision.md) trades exactness
+for CPU: DCT-scaled JPEG decoding and the photo resized before padding (resize_then_pad).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import enum
 import gzip
 import io
 import json
+import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -101,6 +104,10 @@ class PreprocessSpec:
     )
     caption_separator: str = ""
     apply_exif_orientation: bool = True
+    # The cheaper image path (crisis-export --fast-image, behind the precision gate; see
+    # docs/precision.md): JPEG decoded DCT-scaled to at least FAST_IMAGE_DECODE_FACTOR times the
+    # resize target, the photo resized before it is padded. Off: the exact path (the default).
+    fast_image: bool = False
     # Limits of one request (the server refuses the request, naming the limit; text is cut).
     max_image_bytes: int = 5 * 1024 * 1024  # a tweet photo is at most 5 MB (deploy/sizing.py)
     max_image_pixels: int = 40_000_000
@@ -114,6 +121,12 @@ class PreprocessSpec:
     # dropout), else refused with `no_image_reason`.
     image_optional: bool = False
     no_image_reason: str = "the served head was not trained for posts without an image"
+    # Text at its own length (docs/fidelity.md): the served preprocess model trims each request's
+    # ids to its longest row's first <|endoftext|> (trim_ids); with text_lengths (ascending, the
+    # last = context_length) rounded up to the next of them, for backends without ragged batches.
+    # Off: [N, context_length] ids, as before (an older preprocess.json loads so).
+    trim_text: bool = False
+    text_lengths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         """Checked when made, so a hand-edited preprocess.json stops the model from loading with
@@ -136,6 +149,14 @@ class PreprocessSpec:
             known = ", ".join(sorted(Image.OPEN))
             raise ValueError(f"image_formats: Pillow cannot open {unknown}; it knows {known}")
         object.__setattr__(self, "image_formats", formats)
+        lengths = tuple(int(n) for n in self.text_lengths)
+        ascending = list(lengths) == sorted(set(lengths))
+        if lengths and (not ascending or lengths[0] < 2 or lengths[-1] != self.context_length):
+            raise ValueError(
+                f"text_lengths must ascend from >= 2 to context_length {self.context_length}, "
+                f"not {list(self.text_lengths)}"
+            )
+        object.__setattr__(self, "text_lengths", lengths)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -151,6 +172,8 @@ class PreprocessSpec:
                 raw[key] = tuple(raw[key])
         if "image_formats" in raw:
             raw["image_formats"] = tuple(raw["image_formats"])
+        if "text_lengths" in raw:
+            raw["text_lengths"] = tuple(raw["text_lengths"])
         if "clean_patterns" in raw:
             raw["clean_patterns"] = tuple(tuple(p) for p in raw["clean_patterns"])
         return cls(**raw)
@@ -259,6 +282,38 @@ class TextPreprocessor:
         return ids
 
 
+# The lengths (in tokens) text is padded up to where a backend cannot batch ragged requests
+# (onnxruntime, openvino, tensorrt flavours), and the groups the python flavour batches text in;
+# context_length is added as the last (text_buckets).
+TEXT_LENGTH_BUCKETS: tuple[int, ...] = (16, 24, 32, 48, 64)
+
+
+def text_buckets(context_length: int) -> tuple[int, ...]:
+    """TEXT_LENGTH_BUCKETS below `context_length`, then `context_length`: every bucket a text of
+    at most context_length tokens fits in."""
+    return (*(n for n in TEXT_LENGTH_BUCKETS if n < context_length), context_length)
+
+
+def token_lengths(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """[N] int: each row's length up to and including its first <|endoftext|> (the token CLIP's
+    text tower pools at; what follows it changes nothing). A row without one: its full width."""
+    is_eos = ids == eos_id
+    return np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, ids.shape[1])
+
+
+def trim_ids(ids: np.ndarray, eos_id: int, lengths: tuple[int, ...] = ()) -> np.ndarray:
+    """[N, T] ids cut to their longest row's token_lengths (at least 2: <|startoftext|>
+    <|endoftext|>), rounded up to the next of `lengths` where given (ascending, the last >= any
+    row's length); rows shorter than that keep their <|endoftext|> padding. Exact: CLIP's text
+    tower is causal and read at the first <|endoftext|>."""
+    if ids.shape[0] == 0:
+        return ids
+    width = max(int(token_lengths(ids, eos_id).max()), min(2, ids.shape[1]))
+    if lengths:
+        width = next((n for n in lengths if n >= width), ids.shape[1])
+    return np.ascontiguousarray(ids[:, : min(width, ids.shape[1])])
+
+
 def decode_utf8(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -361,6 +416,8 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
                     reason=RejectReason.TOO_MANY_PIXELS,
                 )
             img.seek(0)  # first frame of an animated image
+            if spec.fast_image:
+                img.draft("RGB", fast_decode_size(width, height, spec))  # JPEG only; else no-op
             img.load()
             if spec.apply_exif_orientation:
                 img = ImageOps.exif_transpose(img)
@@ -380,16 +437,65 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
         ) from None
 
 
+# The fast image path (spec.fast_image): a JPEG is decoded DCT-scaled (Pillow's draft, libjpeg's
+# 1/2, 1/4, 1/8 scaling) to no less than this many times the resize target on the square canvas's
+# side, so the bilinear filter still averages >= 2 decoded pixels per output pixel.
+FAST_IMAGE_DECODE_FACTOR = 2
+# resize_then_pad: black canvas kept around the photo, in output pixels: more than the bilinear
+# filter's reach (1 output pixel each side) plus the rounding of the photo's place to pixels.
+_PAD_MARGIN = 3
+
+
+def fast_decode_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """The smallest decoded size the fast path accepts for a width x height photo: the photo's
+    share of FAST_IMAGE_DECODE_FACTOR x resize_size on the side of its square canvas (each side
+    with pad_to_square off). Pillow's draft picks the largest DCT scale that keeps both sides at
+    or above it (never above the photo's own size)."""
+    target = FAST_IMAGE_DECODE_FACTOR * spec.resize_size
+    if not spec.pad_to_square:
+        return min(width, target), min(height, target)
+    side = max(width, height)
+    return min(width, -(-width * target // side)), min(height, -(-height * target // side))
+
+
+def resize_then_pad(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """The fast path's [resize_size]^2 image of a non-square photo: what padding it to a black
+    square and resizing the square gives (image_to_pixels' exact path), with only the photo and a
+    thin black margin resized (Pillow's `box`: the same output grid), the large canvas never made.
+    Equal to the exact path up to the rounding of the filter's coefficients (1 unit of 255 where
+    it differs)."""
+    w, h = img.size
+    side, size = max(w, h), spec.resize_size
+    scale = side / size  # canvas pixels per output pixel
+    margin = math.ceil(_PAD_MARGIN * scale) + 2
+    px, py = (side - w) // 2, (side - h) // 2  # the photo's place on the exact path's canvas
+    x0, y0 = max(0, px - margin), max(0, py - margin)
+    x1, y1 = min(side, px + w + margin), min(side, py + h + margin)
+    region = Image.new("RGB", (x1 - x0, y1 - y0), (0, 0, 0))
+    region.paste(img, (px - x0, py - y0))
+    # output pixels whose centres fall in the region; the rest are black on the exact path too
+    a, b = math.ceil(x0 / scale), math.floor(x1 / scale)
+    c, d = math.ceil(y0 / scale), math.floor(y1 / scale)
+    box = (a * scale - x0, c * scale - y0, min(b * scale, x1) - x0, min(d * scale, y1) - y0)
+    part = region.resize((b - a, d - c), Image.Resampling.BILINEAR, box=box)
+    out = Image.new("RGB", (size, size), (0, 0, 0))
+    out.paste(part, (a, c))
+    return out
+
+
 def image_to_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """RGB image -> [3, image_size, image_size] float32, normalised."""
     if spec.interpolation != "bilinear":
         raise ValueError(f"unsupported interpolation {spec.interpolation!r}")
-    if spec.pad_to_square and img.width != img.height:
-        side = max(img.width, img.height)
-        square = Image.new("RGB", (side, side), (0, 0, 0))
-        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-        img = square
-    img = img.resize((spec.resize_size, spec.resize_size), Image.BILINEAR)
+    if spec.fast_image and spec.pad_to_square and img.width != img.height:
+        img = resize_then_pad(img, spec)
+    else:
+        if spec.pad_to_square and img.width != img.height:
+            side = max(img.width, img.height)
+            square = Image.new("RGB", (side, side), (0, 0, 0))
+            square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+            img = square
+        img = img.resize((spec.resize_size, spec.resize_size), Image.BILINEAR)
     o, s = spec.crop_offset, spec.image_size
     img = img.crop((o, o, o + s, o + s))
     arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
@@ -427,7 +533,7 @@ class Preprocessed:
     """What the ensemble's first step gives for a batch of posts."""
 
     pixels: np.ndarray  # [N, 3, S, S] float32; zeros for a post without an image
-    input_ids: np.ndarray  # [N, T] int64
+    input_ids: np.ndarray  # [N, T] int64; T <= context_length where spec.trim_text
     image_present: np.ndarray  # [N, 1] float32: 1.0 with an image, 0.0 without
     modalities_used: np.ndarray  # [N, 2] float32: [image, text] (see modalities_used)
 
@@ -446,11 +552,14 @@ class Preprocessor:
         captions: list[str | None] | None = None,
     ) -> Preprocessed:
         """Every output of the preprocess model; an image None is a post without one (refused
-        unless spec.image_optional, as the served model refuses it)."""
+        unless spec.image_optional, as the served model refuses it). With spec.trim_text, the ids
+        are cut as the served model cuts one request's (trim_ids)."""
         captions = captions if captions is not None else [None] * len(tweets)
         rows = [preprocess_post_image(b, self.spec) for b in images]
         texts = [compose_text(t, c, self.spec) for t, c in zip(tweets, captions)]
         ids = self.text(texts)
+        if self.spec.trim_text:
+            ids = trim_ids(ids, self.text.eos_id, self.spec.text_lengths)
         present = np.array([[p] for _, p in rows], dtype=np.float32)
         return Preprocessed(
             np.stack([px for px, _ in rows]), ids, present,

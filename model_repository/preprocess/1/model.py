@@ -5,7 +5,9 @@ The logic is `crisis_preprocess.py` (a copy of crisis_triton/preprocess/posts.py
 in-process paths run too), its parameters `preprocess.json`, both beside this file; tensor names
 come from config.pbtxt. Each request is decoded on its own: a bad one gets INVALID_ARG naming the
 problem and is counted in `crisis_rejected_posts_total{reason}` (docs/monitoring.md), the rest of
-the batch is answered. Posts without an image: docs/text-only.md.
+the batch is answered. Posts without an image: docs/text-only.md. Text at its own length
+(preprocess.json trim_text, docs/fidelity.md): each request's ids are cut to its longest post
+(trim_ids), rounded up to preprocess.json's text_lengths where the backend needs buckets.
 """
 
 import json
@@ -23,6 +25,7 @@ from crisis_preprocess import (
     decode_utf8,
     modalities_used,
     preprocess_post_image,
+    trim_ids,
 )
 
 
@@ -128,6 +131,8 @@ class TritonPythonModel:
             pixels, texts, present = result
             n = len(texts)
             row_ids = ids[start : start + n]
+            if self.spec.trim_text:
+                row_ids = trim_ids(row_ids, self.text.eos_id, self.spec.text_lengths)
             tensors = [
                 pb_utils.Tensor(self.pixels_name, pixels),
                 pb_utils.Tensor(self.ids_name, row_ids),
