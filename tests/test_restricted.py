@@ -224,6 +224,11 @@ def test_serve_py_passes_flags_through_and_hands_a_generated_key_in_a_file(
         assert command[-4:-1] == ["--http-thread-count=3", "--log-verbose", "1"]  # last: win
         flag = next(a for a in command if a.startswith("--http-restricted-api="))
         key = flag.rsplit(f"{ADMIN_KEY_HEADER}=", 1)[1]
+        # stderr is read by a thread: the key line (written before the ready line, on another
+        # stream) may land a moment after the ready line was seen
+        deadline = time.monotonic() + 10
+        while "admin key" not in served.err and time.monotonic() < deadline:
+            time.sleep(0.1)
         key_lines = [line for line in served.err.splitlines() if "admin key" in line]
         assert len(key_lines) == 1, served.err  # printed once
         (path,) = re.findall(r" into (/\S+) \(mode 0600\)$", key_lines[0])

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     from crisis_triton.precision.gate import DEFAULT_MIN_AGREEMENT
     from crisis_triton.preprocess.posts import PreprocessSpec
     from crisis_triton.repository.config import BACKENDS
+    from crisis_triton.repository.config import Deployment as DEFAULTS
     from crisis_triton.tensorrt.profile import PRECISIONS
 
     p = argparse.ArgumentParser(
@@ -167,11 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --model-version into an existing repository: keep only the K newest versions "
         "(K >= 2; default: all)",
     )
-    out.add_argument("--max-batch-size", type=int, default=32, help="default: %(default)s")
+    out.add_argument(
+        "--max-batch-size", type=int, default=DEFAULTS.max_batch_size, help="default: %(default)s"
+    )
     out.add_argument(
         "--max-queue-delay-us",
         type=int,
-        default=2000,
+        default=DEFAULTS.max_queue_delay_us,
         help="dynamic batching queue delay in microseconds (default %(default)s)",
     )
     out.add_argument(
@@ -198,10 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--instances",
         type=int,
-        default=1,
+        default=DEFAULTS.compute_instances,
         help="instances per encoder/head model (default %(default)s)",
     )
-    out.add_argument("--preprocess-instances", type=int, default=2, help="default: %(default)s")
+    out.add_argument(
+        "--preprocess-instances",
+        type=int,
+        default=DEFAULTS.preprocess_instances,
+        help="default: %(default)s",
+    )
     out.add_argument(
         "--fixed-text-length",
         action="store_true",

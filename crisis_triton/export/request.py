@@ -14,6 +14,7 @@ from pathlib import Path
 
 from crisis_triton.models.weights import UsageError, WeightsSource
 from crisis_triton.precision.gate import DEFAULT_MIN_AGREEMENT
+from crisis_triton.repository.config import Deployment
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,13 @@ class ExportRequest:
     no_engines: bool = False
     model_version: int | None = None
     keep_versions: int | None = None
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 2000
+    max_batch_size: int = Deployment.max_batch_size
+    max_queue_delay_us: int = Deployment.max_queue_delay_us
     preferred_batch_sizes: tuple[int, ...] = ()
     ort_accelerator: str | None = None
     ort_options: Mapping[str, str] = field(default_factory=dict)
-    instances: int = 1
-    preprocess_instances: int = 2
+    instances: int = Deployment.compute_instances
+    preprocess_instances: int = Deployment.preprocess_instances
     response_cache: bool = False
     max_image_bytes: int | None = None
     max_image_pixels: int | None = None

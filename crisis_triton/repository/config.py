@@ -118,7 +118,10 @@ class Deployment:
 
     backend: str = "python"
     max_batch_size: int = 32
-    max_queue_delay_us: int = 2000
+    # 0.5 ms at each of the four steps: chosen from a measured sweep (benchmarks/RESULTS.md, "Queue
+    # delay, realistic posts"): concurrency 1 loses ~2 ms in queues instead of ~8 ms, and batches
+    # still form under load (saturation within the run-to-run noise of 2 ms's).
+    max_queue_delay_us: int = 500
     preferred_batch_sizes: tuple[int, ...] = ()
     compute_instances: int = 1  # per encoder/head model
     preprocess_instances: int = 2
