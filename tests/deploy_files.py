@@ -161,7 +161,10 @@ def secret_of_file(pod_spec: dict, container: dict, path: str) -> str:
     ``pod_spec``, owner and group only (the test fails otherwise): its name."""
     volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
-        if Path(path).parent != Path(mount["mountPath"]):
+        # the Secret's folder mounted at the file's folder, or the file alone (subPath)
+        whole = Path(path).parent == Path(mount["mountPath"]) and "subPath" not in mount
+        alone = Path(path) == Path(mount["mountPath"]) and mount.get("subPath") == Path(path).name
+        if not (whole or alone):
             continue
         secret = volumes[mount["name"]].get("secret")
         assert secret is not None, f"{path}: volume {mount['name']} is not a Secret"

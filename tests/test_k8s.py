@@ -448,7 +448,12 @@ def test_kserve_runtimes_are_the_overlays_servers_on_kserves_ports() -> None:
         assert context["runAsNonRoot"] is True and context["readOnlyRootFilesystem"] is True
         assert "/tmp" in mounts  # scratch on the read-only root
     (service,) = [d for d in docs if d["kind"] == "InferenceService"]
-    model = service["spec"]["predictor"]["model"]
+    predictor = service["spec"]["predictor"]
+    # the key's Secret is mounted owner-and-group only: the pod's fsGroup must be the images' user
+    # group, or serve.py / the gpu wrapper cannot read it ("Permission denied" at start)
+    assert predictor["securityContext"]["fsGroup"] == 1000
+    assert predictor["automountServiceAccountToken"] is False
+    model = predictor["model"]
     formats = runtimes[model["runtime"]]["supportedModelFormats"]
     assert any(f["name"] == model["modelFormat"]["name"] and
                f["version"] == model["modelFormat"]["version"] for f in formats)  # fmt: skip
