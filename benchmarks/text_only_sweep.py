@@ -1,4 +1,5 @@
-"""`python benchmarks/text_only_sweep.py`: which modality dropout makes cma_clip answer text-only
+"""`python -m benchmarks.text_only_sweep` (from the repository root, where tests/ holds the data
+generator it uses): which modality dropout makes cma_clip answer text-only
 posts best, measured on a generated CrisisMMD-shaped data set (tests/mixed_data.py: tweets and
 photos that sometimes say another class, so text alone is not enough).
 
@@ -23,7 +24,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests/ holds the data generator
 
 
 def build_parser() -> argparse.ArgumentParser:

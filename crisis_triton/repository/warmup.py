@@ -54,10 +54,19 @@ BYTES_FILES = {IMAGE_INPUT: "image.bin", TEXT_INPUT: "text.bin", CAPTION_INPUT: 
 FEATURE_SEED = 23  # the normal values of float inputs (issue 23)
 
 
+# The largest batch a model is warmed at. Each python-backend model's shared-memory pool grows to
+# hold the largest batch it has run and never shrinks: warming at batch 32 grew a tiny export's
+# pools by ~20 MB per preprocess and image-encoder instance at load, and a server in a container
+# with Docker's default 64 MB /dev/shm no longer started (the CI container's 62 MiB). A batch of 8
+# runs every runtime's batched shapes (the first-run cost is per session, not per batch size).
+WARMUP_MAX_BATCH = 8
+
+
 def warmup_batch_sizes(opt_batch: int) -> tuple[int, ...]:
     """The batch sizes each model is warmed at: 1 (one post at a time, the cold case of issue
-    23) and the batch the deployment tunes for (Deployment.opt_batch; what batches reach)."""
-    return tuple(sorted({1, opt_batch}))
+    23) and the batch the deployment tunes for (Deployment.opt_batch; what batches reach), at
+    most WARMUP_MAX_BATCH."""
+    return tuple(sorted({1, min(opt_batch, WARMUP_MAX_BATCH)}))
 
 
 def data_file(t: TensorSpec) -> str | None:

@@ -474,9 +474,16 @@ def resize_then_pad(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     region = Image.new("RGB", (x1 - x0, y1 - y0), (0, 0, 0))
     region.paste(img, (px - x0, py - y0))
     # output pixels whose centres fall in the region; the rest are black on the exact path too
-    a, b = math.ceil(x0 / scale), math.floor(x1 / scale)
-    c, d = math.ceil(y0 / scale), math.floor(y1 / scale)
-    box = (a * scale - x0, c * scale - y0, min(b * scale, x1) - x0, min(d * scale, y1) - y0)
+    # (integer arithmetic: ceil/floor of x * size / side without float rounding)
+    a, b = -(-x0 * size // side), x1 * size // side
+    c, d = -(-y0 * size // side), y1 * size // side
+    # the box in region pixels; max(0, ...): a*scale - x0 may round to -1e-14, which Pillow refuses
+    box = (
+        max(0.0, a * scale - x0),
+        max(0.0, c * scale - y0),
+        min(b * scale, x1) - x0,
+        min(d * scale, y1) - y0,
+    )
     part = region.resize((b - a, d - c), Image.Resampling.BILINEAR, box=box)
     out = Image.new("RGB", (size, size), (0, 0, 0))
     out.paste(part, (a, c))
