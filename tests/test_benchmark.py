@@ -111,9 +111,10 @@ def test_quick_benchmark_runs_every_path_and_writes_its_outputs(
     png = out / "latency_throughput.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # the realistic posts by default, named in every row and the summary
-    assert {r["posts_kind"] for r in rows} == {"realistic"}
-    assert summary["workload"]["kind"] == "realistic" and "realistic posts" in markdown
+    # --quick's posts (small; realistic without --quick: tests/test_workload.py), named in every
+    # row and the summary
+    assert {r["posts_kind"] for r in rows} == {"small"}
+    assert summary["workload"]["kind"] == "small" and "small posts" in markdown
     # perf_analyzer's CSV: one file per path, protocol and mode (tests/test_pa_csv.py: format)
     precision = rows[0]["precision"]
     for name, first, values in (

@@ -103,6 +103,7 @@ def test_benchmark_options_posts_deployment_and_tls(tmp_path: Path) -> None:
         )
     )  # fmt: skip
     assert plan.posts_kind == "small" and plan.pa_csv == Path("p.csv")
+    assert benchmark.plan_from_args(parser.parse_args(["--quick"])).posts_kind == "small"
     assert plan.headers == (("X-Team", "bench"), ("Authorization", "Bearer t"))
     assert plan.root_certs == "ca.pem" and plan.grpc_address() == "grpcs://localhost:8001"
     assert BenchmarkPlan(url="localhost:8000").grpc_address() == "grpc://localhost:8001"

@@ -269,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--posts-kind",
         choices=workload.POST_KINDS,
-        default=workload.DEFAULT_POST_KIND,
+        default=None,
         help="realistic: tweet-size photos (680x680..2048x1536, JPEG q85) and tweet-length texts "
-        "(60-280 characters); small: the earlier ~100 KiB photos (default: %(default)s)",
+        f"(60-280 characters); small: the earlier ~100 KiB photos (default: "
+        f"{workload.DEFAULT_POST_KIND}; {workload.QUICK_POST_KIND} with --quick)",
     )
     w.add_argument(
         "--requests",
@@ -415,7 +416,8 @@ def plan_from_args(args: argparse.Namespace) -> BenchmarkPlan:
         concurrency=tuple(args.concurrency),
         batch_sizes=tuple(args.batch_sizes),
         posts=args.posts,
-        posts_kind=args.posts_kind,
+        posts_kind=args.posts_kind
+        or (workload.QUICK_POST_KIND if args.quick else workload.DEFAULT_POST_KIND),
         requests=args.requests,
         research_requests=args.research_requests,
         ort_samples=args.ort_samples,

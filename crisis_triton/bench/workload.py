@@ -74,6 +74,9 @@ POST_MIXES: dict[str, PostMix] = {
 }
 POST_KINDS: tuple[str, ...] = tuple(POST_MIXES)
 DEFAULT_POST_KIND = "realistic"
+# --quick (a smoke run of every path in seconds, tiny model): the small posts, which also fit a
+# container's default 64 MB /dev/shm beside the one-task server
+QUICK_POST_KIND = "small"
 
 
 def _image(rng: np.random.Generator, width: int, height: int) -> bytes:

@@ -9,7 +9,7 @@ it becomes ready once its composing models are, so a warmed repository is ready 
 
 What each input gets (random bytes would be invalid: random int64 ids crash the embedding lookup,
 random float32 bit patterns hold NaN and 1e38):
-  - preprocess: a real post, a JPEG photo (sample_jpeg: generated here, deterministic, 5 KB),
+  - preprocess: a real post, a JPEG photo (sample_jpeg: generated here, deterministic, 64x48, 1 KB),
     a text and a caption, as BYTES files;
   - token ids: the sample text tokenised by the repository's own preprocessing (<|endoftext|>
     included and padding after it), at the context length (a dynamic token axis at its longest);
@@ -105,8 +105,8 @@ def model_warmup(spec: GraphSpec, opt_batch: int) -> list[dict]:
 
 
 def sample_jpeg() -> bytes:
-    """The warmup photo: a deterministic synthetic scene (sky, water, a house), JPEG quality 85,
-    a few KB; decoded, resized and normalised like any request's photo."""
+    """The warmup photo: a deterministic synthetic scene (sky, water, a house), JPEG quality 75,
+    64x48, 1 KB; decoded, resized and normalised like any request's photo."""
     from PIL import Image, ImageDraw
 
     width, height = SAMPLE_JPEG_SIZE
@@ -120,8 +120,11 @@ def sample_jpeg() -> bytes:
         draw.line(
             (x, height * 3 // 5 + (x % 48) // 4, x + 10, height * 3 // 5 + 6), fill=(70, 60, 40)
         )
+    # small (64x48, under 1 KB): any image limit an operator sets in preprocess.json admits it, or
+    # the model would fail its warmup and not load
+    img = img.resize((width // 5, height // 5), Image.Resampling.BILINEAR)  # 64x48: 3,072 pixels
     out = io.BytesIO()
-    img.save(out, format="JPEG", quality=85)
+    img.save(out, format="JPEG", quality=75)
     return out.getvalue()
 
 
