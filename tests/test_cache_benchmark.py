@@ -36,7 +36,7 @@ def test_benchmark_cache_repeat_writes_rows_beside_the_machine(
     ]
     for r in rows:
         assert r["errors"] == 0 and r["requests"] == 10 and r["machine"]["cores"] >= 1
-        assert r["posts_kind"] == "realistic"  # the benchmark's default posts
+        assert r["posts_kind"] == "small"  # --quick's posts (workload.QUICK_POST_KIND)
         hits = r["cache_counts"][IMAGE_ENCODER]["hits"]
         assert hits == (r["repeated_photos"] if r["cache"] == "on" else 0), r
     assert rows[1]["repeated_photos"] == 5
